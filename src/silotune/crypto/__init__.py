@@ -1,0 +1,1 @@
+"""Torch-free cryptography: identities, handshake, AEAD frames, PRG masks, Shamir shares, CKKS."""
