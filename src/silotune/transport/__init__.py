@@ -1,0 +1,1 @@
+"""Byte-message transports (in-process and gRPC streams) behind one Connection Protocol."""
