@@ -1,0 +1,547 @@
+"""Slice a causal LM into head, trunk and tail parts for U-shaped split learning (FL-GLM style).
+
+A silo keeps the head (embeddings + first ``h`` blocks) and the tail (last ``t`` blocks + final
+norm + LM head); the coordinator runs the trunk (the blocks in between). The parts are views on the
+original model: they hold the very same submodules and ``Parameter`` objects (LoRA layers that PEFT
+injected included), so training a part trains the model and nothing is copied.
+
+What crosses between parts is only what a network frame carries:
+
+* head:  ``input_ids (B, T)`` + ``attention_mask (B, T)``  ->  ``hidden_states (B, T, C)``
+* trunk: ``hidden_states (B, T, C)`` + ``attention_mask (B, T)``  ->  ``hidden_states (B, T, C)``
+* tail:  ``hidden_states (B, T, C)`` + ``attention_mask (B, T)``  ->  ``logits (B, T, V)``
+
+The 2-D mask uses 1 for a real token and 0 for padding; left and right padding both work. Every
+part rebuilds locally, from that mask alone, the 4-D causal/padding (and sliding-window) masks,
+the position ids and, for rotary models, the rotary embeddings (from the model's own, shared,
+rotary module). Position ids never travel: they are :func:`position_ids_from_mask`, the convention
+Hugging Face's ``generate`` uses. For right padding they equal the ``arange(T)`` that a plain
+``model(input_ids, attention_mask)`` call uses at every real token; for left padding they make a
+padded row give the same logits as the unpadded one. To reproduce a part exactly with the full
+model, call it with ``position_ids=position_ids_from_mask(attention_mask)``.
+
+Each part's ``forward`` also takes an optional P-tuning v2 ``prefix``: one ``(key, value)`` pair
+per block of that part, each ``(B, H_kv, P, D)``, exactly the per-layer tensors PEFT's prefix
+tuning puts in a ``DynamicCache``. The prefix is attended to by every real token; it takes no
+position (ChatGLM's P-tuning v2 convention), so position ids stay those of the ``(B, T)`` mask
+and the head needs no prefix length. The matching full-model call is
+``model(input_ids, attention_mask=cat([ones(B, P), mask], 1), position_ids=position_ids_from_mask(
+mask), past_key_values=DynamicCache(prefix))``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft import PeftModel
+from torch import nn
+from transformers import (
+    DynamicCache,
+    GPT2LMHeadModel,
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    PretrainedConfig,
+    Qwen2ForCausalLM,
+)
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from silotune.errors import ModelError
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "PrefixKV",
+    "SplitParts",
+    "position_ids_from_mask",
+    "split_model",
+]
+
+PrefixKV = Sequence[tuple[torch.Tensor, torch.Tensor]]
+"""Per-block P-tuning v2 prefix: one ``(key, value)`` pair per block, each ``(B, H_kv, P, D)``."""
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "MistralForCausalLM",
+    "GPT2LMHeadModel",
+)
+
+# How each attention kind's 4-D mask is built, as in the Hugging Face model classes.
+_MASK_BUILDERS: dict[str, Callable[..., torch.Tensor | None]] = {
+    "full_attention": create_causal_mask,
+    "sliding_attention": create_sliding_window_causal_mask,
+}
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that every part (and a matching full-model call) uses for a padded batch.
+
+    Parameters
+    ----------
+    attention_mask
+        ``(B, T)``, 1 for a real token and 0 for padding.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, T)`` long tensor: the index of each real token among the real tokens of its row
+        (0, 1, 2, ...), and 1 at padding (as ``transformers``' ``generate`` does).
+    """
+    mask = attention_mask.long()  # (B, T)
+    position_ids = mask.cumsum(-1) - 1  # (B, T)
+    return position_ids.masked_fill(mask == 0, 1)
+
+
+class _Part(nn.Module):
+    """A contiguous run of decoder blocks plus the shared checks and prefix handling."""
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        first_layer: int,
+        blocks: Sequence[nn.Module],
+        blocks_name: str,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_indices: tuple[int, ...] = tuple(range(first_layer, first_layer + len(blocks)))
+        # Keyed by the global layer index so that state-dict keys match the model's
+        # (``layers.3.self_attn...`` here, ``model.layers.3.self_attn...`` there).
+        self._blocks_name = blocks_name
+        self.add_module(
+            blocks_name,
+            nn.ModuleDict(
+                {str(i): block for i, block in zip(self.layer_indices, blocks, strict=True)}
+            ),
+        )
+
+    @property
+    def blocks(self) -> nn.ModuleDict:
+        """The part's decoder blocks, keyed by their global layer index."""
+        blocks: nn.ModuleDict = getattr(self, self._blocks_name)
+        return blocks
+
+    def _check_mask(self, tokens_shape: torch.Size, attention_mask: torch.Tensor) -> None:
+        """Reject a 2-D mask whose shape does not match the ``(B, T)`` of the tokens."""
+        if attention_mask.dim() != 2 or tuple(attention_mask.shape) != tuple(tokens_shape[:2]):
+            raise ModelError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; it must be 2-D (B, T) "
+                f"= {tuple(tokens_shape[:2])}, with 1 for real tokens and 0 for padding."
+            )
+
+    def _check_hidden(self, hidden_states: torch.Tensor) -> None:
+        """Reject hidden states that are not ``(B, T, hidden_size)``."""
+        hidden_size = self.config.hidden_size
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != hidden_size:
+            raise ModelError(
+                f"hidden_states has shape {tuple(hidden_states.shape)}; it must be (B, T, "
+                f"{hidden_size}) for this model."
+            )
+
+    def _prefix_cache(
+        self, prefix: PrefixKV | None, attention_mask: torch.Tensor
+    ) -> tuple[DynamicCache | None, torch.Tensor]:
+        """Build the cache holding the prefix and the 2-D mask over prefix + tokens.
+
+        Returns ``(None, attention_mask)`` without a prefix, else a fresh ``DynamicCache`` whose
+        entries at this part's global layer indices hold the prefix (the blocks address the cache
+        by their own ``layer_idx``) and the mask ``(B, P + T)`` with ones over the prefix.
+        """
+        if prefix is None or len(self.layer_indices) == 0:
+            if prefix is not None and len(prefix) != 0:
+                raise ModelError(
+                    f"prefix has {len(prefix)} (key, value) pairs but this part has no blocks; "
+                    "pass None or an empty sequence."
+                )
+            return None, attention_mask
+        if len(prefix) != len(self.layer_indices):
+            raise ModelError(
+                f"prefix has {len(prefix)} (key, value) pairs; this part has "
+                f"{len(self.layer_indices)} blocks (layers {list(self.layer_indices)}), "
+                "one pair each."
+            )
+        batch_size = attention_mask.shape[0]
+        prefix_len = prefix[0][0].shape[-2]
+        for key, value in prefix:
+            if key.dim() != 4 or key.shape[0] != batch_size or key.shape[-2] != prefix_len:
+                raise ModelError(
+                    f"a prefix key has shape {tuple(key.shape)}; every key and value must be "
+                    f"(B={batch_size}, H_kv, P={prefix_len}, D)."
+                )
+            if value.shape != key.shape:
+                raise ModelError(
+                    f"a prefix value has shape {tuple(value.shape)} but its key has "
+                    f"{tuple(key.shape)}; they must match."
+                )
+        empty = [(None, None)] * self.layer_indices[0]
+        cache = DynamicCache([*empty, *((key, value) for key, value in prefix)])
+        prefix_mask = attention_mask.new_ones(batch_size, prefix_len)  # (B, P)
+        return cache, torch.cat([prefix_mask, attention_mask], dim=1)  # (B, P + T)
+
+
+# ----------------------------------------------------------------------------- Llama family
+
+
+class _DecoderPart(_Part):
+    """Blocks of a Llama-family model (Llama, Qwen2, Mistral) with its shared rotary module."""
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        first_layer: int,
+        blocks: Sequence[nn.Module],
+        layer_types: Sequence[str],
+        rotary_emb: nn.Module,
+    ) -> None:
+        super().__init__(config, first_layer, blocks, "layers")
+        self.layer_types = tuple(layer_types)
+        self.rotary_emb = rotary_emb
+
+    def _run_blocks(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prefix: PrefixKV | None,
+    ) -> torch.Tensor:
+        """Run the blocks as ``LlamaModel.forward`` / ``Qwen2Model`` / ``MistralModel`` do."""
+        if len(self.layer_indices) == 0:
+            self._prefix_cache(prefix, attention_mask)  # still validates the prefix
+            return hidden_states
+        position_ids = position_ids_from_mask(attention_mask)  # (B, T)
+        cache, full_mask = self._prefix_cache(prefix, attention_mask)  # full_mask (B, P + T)
+        masks = {
+            kind: _MASK_BUILDERS[kind](
+                config=self.config,
+                inputs_embeds=hidden_states,
+                attention_mask=full_mask,
+                past_key_values=cache,
+                position_ids=position_ids,
+                layer_idx=self.layer_indices[0],
+            )
+            for kind in set(self.layer_types)
+        }  # each (B, 1, T, P + T), or None where sdpa's is_causal suffices
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)  # cos, sin (B, T, D)
+        for block, kind in zip(self.blocks.values(), self.layer_types, strict=True):
+            hidden_states = block(
+                hidden_states,
+                attention_mask=masks[kind],
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=False,
+            )  # (B, T, C)
+        return hidden_states
+
+
+class DecoderHead(_DecoderPart):
+    """Token embeddings + the first blocks of a Llama-family model (runs on the silo)."""
+
+    def __init__(self, embed_tokens: nn.Module, **part: Any) -> None:
+        super().__init__(**part)
+        self.embed_tokens = embed_tokens
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prefix: PrefixKV | None = None,
+    ) -> torch.Tensor:
+        """Map ``input_ids (B, T)`` and ``attention_mask (B, T)`` to hidden states ``(B, T, C)``."""
+        self._check_mask(input_ids.shape, attention_mask)
+        hidden_states = self.embed_tokens(input_ids)  # (B, T, C)
+        return self._run_blocks(hidden_states, attention_mask, prefix)  # (B, T, C)
+
+
+class DecoderTrunk(_DecoderPart):
+    """The middle blocks of a Llama-family model (runs on the coordinator)."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prefix: PrefixKV | None = None,
+    ) -> torch.Tensor:
+        """Map hidden states ``(B, T, C)`` and ``attention_mask (B, T)`` to ``(B, T, C)``."""
+        self._check_hidden(hidden_states)
+        self._check_mask(hidden_states.shape, attention_mask)
+        return self._run_blocks(hidden_states, attention_mask, prefix)  # (B, T, C)
+
+
+class DecoderTail(_DecoderPart):
+    """The last blocks + final norm + LM head of a Llama-family model (runs on the silo)."""
+
+    def __init__(self, norm: nn.Module, lm_head: nn.Module, **part: Any) -> None:
+        super().__init__(**part)
+        self.norm = norm
+        self.lm_head = lm_head
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prefix: PrefixKV | None = None,
+    ) -> torch.Tensor:
+        """Map hidden states ``(B, T, C)`` and ``attention_mask (B, T)`` to logits ``(B, T, V)``."""
+        self._check_hidden(hidden_states)
+        self._check_mask(hidden_states.shape, attention_mask)
+        hidden_states = self._run_blocks(hidden_states, attention_mask, prefix)  # (B, T, C)
+        return self.lm_head(self.norm(hidden_states))  # (B, T, V)
+
+
+# ----------------------------------------------------------------------------- GPT-2
+
+
+class _GPT2Part(_Part):
+    """Blocks of a GPT-2 model (learned absolute positions, added in the head only)."""
+
+    def __init__(self, config: PretrainedConfig, first_layer: int, blocks: Sequence[nn.Module]):
+        super().__init__(config, first_layer, blocks, "h")
+
+    def _run_blocks(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prefix: PrefixKV | None,
+    ) -> torch.Tensor:
+        """Run the blocks as ``GPT2Model.forward`` does."""
+        if len(self.layer_indices) == 0:
+            self._prefix_cache(prefix, attention_mask)  # still validates the prefix
+            return hidden_states
+        position_ids = position_ids_from_mask(attention_mask)  # (B, T)
+        cache, full_mask = self._prefix_cache(prefix, attention_mask)  # full_mask (B, P + T)
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden_states,
+            attention_mask=full_mask,
+            past_key_values=cache,
+            position_ids=position_ids,
+            layer_idx=self.layer_indices[0],
+        )  # (B, 1, T, P + T), or None where sdpa's is_causal suffices
+        for block in self.blocks.values():
+            hidden_states = block(
+                hidden_states,
+                cache,
+                causal_mask,
+                None,  # encoder_hidden_states, positional as in GPT2Model
+                encoder_attention_mask=None,
+                use_cache=False,
+                position_ids=position_ids,
+            )  # (B, T, C)
+        return hidden_states
+
+
+class GPT2Head(_GPT2Part):
+    """Token + position embeddings + the first blocks of GPT-2 (runs on the silo)."""
+
+    def __init__(self, wte: nn.Module, wpe: nn.Module, drop: nn.Module, **part: Any) -> None:
+        super().__init__(**part)
+        self.wte = wte
+        self.wpe = wpe
+        self.drop = drop
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prefix: PrefixKV | None = None,
+    ) -> torch.Tensor:
+        """Map ``input_ids (B, T)`` and ``attention_mask (B, T)`` to hidden states ``(B, T, C)``."""
+        self._check_mask(input_ids.shape, attention_mask)
+        position_ids = position_ids_from_mask(attention_mask)  # (B, T)
+        hidden_states = self.wte(input_ids) + self.wpe(position_ids)  # (B, T, C)
+        hidden_states = self.drop(hidden_states)
+        return self._run_blocks(hidden_states, attention_mask, prefix)  # (B, T, C)
+
+
+class GPT2Trunk(_GPT2Part):
+    """The middle blocks of GPT-2 (runs on the coordinator)."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prefix: PrefixKV | None = None,
+    ) -> torch.Tensor:
+        """Map hidden states ``(B, T, C)`` and ``attention_mask (B, T)`` to ``(B, T, C)``."""
+        self._check_hidden(hidden_states)
+        self._check_mask(hidden_states.shape, attention_mask)
+        return self._run_blocks(hidden_states, attention_mask, prefix)  # (B, T, C)
+
+
+class GPT2Tail(_GPT2Part):
+    """The last blocks + final layer norm + LM head of GPT-2 (runs on the silo)."""
+
+    def __init__(self, ln_f: nn.Module, lm_head: nn.Module, **part: Any) -> None:
+        super().__init__(**part)
+        self.ln_f = ln_f
+        self.lm_head = lm_head
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prefix: PrefixKV | None = None,
+    ) -> torch.Tensor:
+        """Map hidden states ``(B, T, C)`` and ``attention_mask (B, T)`` to logits ``(B, T, V)``."""
+        self._check_hidden(hidden_states)
+        self._check_mask(hidden_states.shape, attention_mask)
+        hidden_states = self._run_blocks(hidden_states, attention_mask, prefix)  # (B, T, C)
+        return self.lm_head(self.ln_f(hidden_states))  # (B, T, V)
+
+
+# ----------------------------------------------------------------------------- splitting
+
+
+@dataclass
+class SplitParts:
+    """The three parts of a split model; each shares its parameters with the original model.
+
+    Attributes
+    ----------
+    head
+        ``head(input_ids (B, T), attention_mask (B, T), prefix=None) -> (B, T, C)``.
+    trunk
+        ``trunk(hidden_states (B, T, C), attention_mask (B, T), prefix=None) -> (B, T, C)``.
+    tail
+        ``tail(hidden_states (B, T, C), attention_mask (B, T), prefix=None) -> (B, T, V)``.
+    """
+
+    head: nn.Module
+    trunk: nn.Module
+    tail: nn.Module
+
+    def split_prefix(self, prefix: PrefixKV) -> tuple[PrefixKV, PrefixKV, PrefixKV]:
+        """Cut a whole-model prefix (one ``(key, value)`` pair per layer) into the parts' prefixes.
+
+        Parameters
+        ----------
+        prefix
+            One ``(key, value)`` pair per layer of the model, in layer order.
+
+        Returns
+        -------
+        tuple
+            ``(head_prefix, trunk_prefix, tail_prefix)``, each a list with one pair per block of
+            that part.
+        """
+        num_layers = len(self.head.layer_indices) + len(self.trunk.layer_indices)
+        num_layers += len(self.tail.layer_indices)
+        if len(prefix) != num_layers:
+            raise ModelError(
+                f"prefix has {len(prefix)} (key, value) pairs; the model has {num_layers} layers, "
+                "one pair each."
+            )
+        pairs = list(prefix)
+        parts = (self.head, self.trunk, self.tail)
+        head, trunk, tail = ([pairs[i] for i in part.layer_indices] for part in parts)
+        return head, trunk, tail
+
+
+def _layer_types(model: nn.Module, num_layers: int) -> list[str]:
+    """Attention kind of each layer, as the model class chooses its 4-D mask."""
+    config = model.config
+    if isinstance(model, Qwen2ForCausalLM):
+        return list(config.layer_types[:num_layers])
+    if isinstance(model, MistralForCausalLM) and config.sliding_window is not None:
+        return ["sliding_attention"] * num_layers
+    return ["full_attention"] * num_layers
+
+
+def _check_split(head_layers: int, tail_layers: int, num_layers: int) -> None:
+    """Raise ModelError unless the trunk keeps at least one block."""
+    ok_types = all(
+        isinstance(n, int) and not isinstance(n, bool) for n in (head_layers, tail_layers)
+    )
+    if (
+        not ok_types
+        or head_layers < 0
+        or tail_layers < 1
+        or head_layers + tail_layers >= num_layers
+    ):
+        raise ModelError(
+            f"Cannot split a model with {num_layers} layers into head_layers={head_layers!r} and "
+            f"tail_layers={tail_layers!r}: they must be integers with head_layers >= 0, "
+            f"tail_layers >= 1 and head_layers + tail_layers < {num_layers}, so the trunk keeps at "
+            "least one layer."
+        )
+
+
+def split_model(model: nn.Module, head_layers: int, tail_layers: int) -> SplitParts:
+    """Slice a causal LM (or a ``PeftModel`` wrapping one) into head, trunk and tail.
+
+    Parameters
+    ----------
+    model
+        A ``LlamaForCausalLM`` (SmolLM2 included), ``Qwen2ForCausalLM``, ``MistralForCausalLM``
+        or ``GPT2LMHeadModel``, or a ``peft.PeftModel`` wrapping one (its injected LoRA layers
+        end up inside the part that holds their block).
+    head_layers
+        Number of blocks the head runs after the embeddings (``h >= 0``).
+    tail_layers
+        Number of blocks the tail runs before the final norm and LM head (``t >= 1``).
+
+    Returns
+    -------
+    SplitParts
+        Views on ``model``: the parts hold the same modules and ``Parameter`` objects, no copies.
+        With tied embeddings the head's embedding and the tail's LM head share one weight.
+
+    Raises
+    ------
+    ModelError
+        If the architecture is not supported, or ``h + t`` leaves the trunk without a block.
+    """
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    if isinstance(base, (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM)):
+        decoder = base.model
+        blocks = list(decoder.layers[: base.config.num_hidden_layers])
+        _check_split(head_layers, tail_layers, len(blocks))
+        types = _layer_types(base, len(blocks))
+        cut_a, cut_b = head_layers, len(blocks) - tail_layers
+
+        def part(start: int, stop: int) -> dict[str, Any]:
+            return {
+                "config": base.config,
+                "first_layer": start,
+                "blocks": blocks[start:stop],
+                "layer_types": types[start:stop],
+                "rotary_emb": decoder.rotary_emb,
+            }
+
+        return SplitParts(
+            head=DecoderHead(embed_tokens=decoder.embed_tokens, **part(0, cut_a)),
+            trunk=DecoderTrunk(**part(cut_a, cut_b)),
+            tail=DecoderTail(norm=decoder.norm, lm_head=base.lm_head, **part(cut_b, len(blocks))),
+        )
+    if isinstance(base, GPT2LMHeadModel):
+        if base.config.add_cross_attention:
+            raise ModelError(
+                "Cannot split a GPT2LMHeadModel with add_cross_attention=True; only decoder-only "
+                "GPT-2 (add_cross_attention=False) is supported."
+            )
+        transformer = base.transformer
+        blocks = list(transformer.h)
+        _check_split(head_layers, tail_layers, len(blocks))
+        cut_a, cut_b = head_layers, len(blocks) - tail_layers
+
+        def gpt2_part(start: int, stop: int) -> dict[str, Any]:
+            return {"config": base.config, "first_layer": start, "blocks": blocks[start:stop]}
+
+        return SplitParts(
+            head=GPT2Head(
+                wte=transformer.wte,
+                wpe=transformer.wpe,
+                drop=transformer.drop,
+                **gpt2_part(0, cut_a),
+            ),
+            trunk=GPT2Trunk(**gpt2_part(cut_a, cut_b)),
+            tail=GPT2Tail(
+                ln_f=transformer.ln_f, lm_head=base.lm_head, **gpt2_part(cut_b, len(blocks))
+            ),
+        )
+    raise ModelError(
+        f"Cannot split a {type(base).__name__}; supported architectures: "
+        f"{', '.join(SUPPORTED_ARCHITECTURES)}."
+    )
