@@ -1,0 +1,1 @@
+"""Datasets: the fortunes corpus and sample, local split files, and partitioning across silos."""
