@@ -1,0 +1,578 @@
+"""Pairwise-mask secure aggregation (Bonawitz et al. style) with dropout recovery, uint32 uploads.
+
+Protocol, one round, silos ``i`` with ids from :class:`SecAggConfig` (``U1 >= U2 >= U3``):
+
+1. ``STAGE_SETUP``: the server sends the config; each silo draws a fresh X25519 mask key pair
+   ``(sk_i, pk_i)`` and a fresh 32-byte self-mask seed ``b_i`` and answers with ``pk_i``.
+2. ``STAGE_SHARE_KEYS``: the server broadcasts every ``pk`` (senders form ``U1``); each silo splits
+   ``b_i`` and ``sk_i`` into Shamir shares (threshold ``t``) and returns one bundle per peer.
+   **The caller must encrypt each bundle end-to-end for its recipient** (AEAD channel) before
+   handing it to the server; the server only routes them. Silos whose bundles arrive form ``U2``.
+3. ``STAGE_COLLECT_MASKED_VECTORS``: silo ``i`` uploads, mod 2**32,
+   ``encode(x_i) + PRG(b_i) + sum_{j in U2, j > i} PRG(s_ij) - sum_{j in U2, j < i} PRG(s_ij)``
+   with ``s_ij = HKDF(X25519(sk_i, pk_j))``. Uploaders form ``U3``; ``D = U2 - U3`` dropped.
+4. ``STAGE_UNMASK``: every silo still present reveals its share of ``b_k`` for each ``k`` in
+   ``U3`` and of ``sk_j`` for each ``j`` in ``D``, never both for one silo (enforced). With at least
+   ``t`` answers the server rebuilds the seeds, removes every mask and decodes the plain sum.
+
+Masks come from :mod:`silotune.crypto.prg` (AES-256-CTR), never from ``numpy.random``; every round
+uses fresh keys and seeds. Callers pre-weight updates by ``n_i / N`` so the sum is the weighted
+FedAvg; values are clipped and quantised by :class:`~silotune.crypto.fixedpoint.FixedPointCodec`
+(32 bits, ``n_silos = len(silo_ids)``), so the decoded sum is within ``codec.sum_tolerance()``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import secrets
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from silotune.crypto import prg, shamir
+from silotune.crypto.exceptions import AuthenticationError, CryptoError, KeyMaterialError
+from silotune.crypto.fixedpoint import FixedPointCodec
+
+__all__ = [
+    "STAGE_SETUP",
+    "STAGE_SHARE_KEYS",
+    "STAGE_COLLECT_MASKED_VECTORS",
+    "STAGE_UNMASK",
+    "STAGES",
+    "SecAggConfig",
+    "MaskingClient",
+    "MaskingServer",
+    "pair_seed",
+]
+
+logger = logging.getLogger(__name__)
+
+STAGE_SETUP = "setup"
+STAGE_SHARE_KEYS = "share_keys"
+STAGE_COLLECT_MASKED_VECTORS = "collect_masked_vectors"
+STAGE_UNMASK = "unmask"
+STAGES = (STAGE_SETUP, STAGE_SHARE_KEYS, STAGE_COLLECT_MASKED_VECTORS, STAGE_UNMASK)
+
+VERSION = 1
+MAX_SILOS = 255
+MAX_VECTOR_LENGTH = 1 << 31
+_MAGIC = b"STSA"
+_HEAD = struct.Struct(">4sBBQQ")  # magic, version, kind, round_id, sender
+_KIND_PUBKEY, _KIND_KEYS, _KIND_BUNDLE, _KIND_MASKED, _KIND_UNMASK, _KIND_REVEAL = range(1, 7)
+_SHARE_SELF, _SHARE_KEY = 0, 1
+_PAIR_SALT = b"silotune/secagg/v1/pair"
+_LABEL_SELF, _LABEL_PAIR = b"secagg/self", b"secagg/pair"
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """Parameters of one secure-aggregation round, sent by the server in ``STAGE_SETUP``.
+
+    Parameters
+    ----------
+    round_id : int
+        Round number, 0 <= round_id < 2**64; bound into every message and PRG stream.
+    silo_ids : tuple of int
+        Distinct silo ids, 0 <= id < 2**63, 2 to 255 of them (stored sorted).
+    threshold : int
+        Shares needed for recovery, ``len(silo_ids) // 2 + 1 <= threshold <= len(silo_ids)``.
+    vector_length : int
+        Number of values in each update, 1 <= vector_length <= 2**31.
+    clip : float
+        Each (pre-weighted) value is clipped to ``[-clip, clip]``.
+    """
+
+    round_id: int
+    silo_ids: tuple[int, ...]
+    threshold: int
+    vector_length: int
+    clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.round_id, int) or not 0 <= self.round_id < 1 << 64:
+            raise ValueError(f"round_id must be an int in [0, 2**64), got {self.round_id!r}.")
+        ids = tuple(self.silo_ids)
+        if not all(isinstance(i, int) and 0 <= i < 1 << 63 for i in ids):
+            raise ValueError("silo_ids must be ints in [0, 2**63).")
+        if len(set(ids)) != len(ids) or not 2 <= len(ids) <= MAX_SILOS:
+            raise ValueError(f"silo_ids must be 2 to {MAX_SILOS} distinct ids, got {len(ids)}.")
+        object.__setattr__(self, "silo_ids", tuple(sorted(ids)))
+        n = len(ids)
+        if not isinstance(self.threshold, int) or not n // 2 + 1 <= self.threshold <= n:
+            raise ValueError(
+                f"threshold must be an int in [{n // 2 + 1}, {n}] for {n} silos, "
+                f"got {self.threshold!r}."
+            )
+        if not isinstance(self.vector_length, int) or not (
+            1 <= self.vector_length <= MAX_VECTOR_LENGTH
+        ):
+            raise ValueError(
+                f"vector_length must be an int in [1, {MAX_VECTOR_LENGTH}], "
+                f"got {self.vector_length!r}."
+            )
+        if (
+            not isinstance(self.clip, (int, float))
+            or not math.isfinite(self.clip)
+            or self.clip <= 0
+        ):
+            raise ValueError(f"clip must be a finite number > 0, got {self.clip!r}.")
+
+    @property
+    def codec(self) -> FixedPointCodec:
+        """The uint32 codec whose sum over all silos cannot wrap."""
+        return FixedPointCodec(clip=float(self.clip), n_silos=len(self.silo_ids), bits=32)
+
+    def share_x(self, silo_id: int) -> int:
+        """Shamir x coordinate held by ``silo_id`` (its 1-based position in ``silo_ids``)."""
+        return self.silo_ids.index(silo_id) + 1
+
+    def to_bytes(self) -> bytes:
+        """Serialize as versioned JSON."""
+        doc = {
+            "version": VERSION,
+            "round_id": self.round_id,
+            "silo_ids": list(self.silo_ids),
+            "threshold": self.threshold,
+            "vector_length": self.vector_length,
+            "clip": float(self.clip),
+        }
+        return json.dumps(doc, sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SecAggConfig:
+        """Parse and validate a config message."""
+        try:
+            doc = json.loads(bytes(data).decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError("SecAgg config is not valid UTF-8 JSON.") from exc
+        keys = {"version", "round_id", "silo_ids", "threshold", "vector_length", "clip"}
+        if not isinstance(doc, dict) or set(doc) != keys:
+            raise ValueError(f"SecAgg config must be a JSON object with keys {sorted(keys)}.")
+        if doc["version"] != VERSION:
+            raise ValueError(f"SecAgg config version must be {VERSION}, got {doc['version']!r}.")
+        if not isinstance(doc["silo_ids"], list):
+            raise ValueError("SecAgg config silo_ids must be a list of ints.")
+        return cls(
+            round_id=doc["round_id"],
+            silo_ids=tuple(doc["silo_ids"]),
+            threshold=doc["threshold"],
+            vector_length=doc["vector_length"],
+            clip=doc["clip"],
+        )
+
+
+def pair_seed(
+    private_key: X25519PrivateKey, peer_public: bytes, round_id: int, a: int, b: int
+) -> bytes:
+    """Derive the 32-byte pairwise mask seed of silos ``a`` and ``b`` for one round.
+
+    Both silos get the same seed: X25519 is symmetric and the HKDF info orders the ids.
+    """
+    try:
+        shared = private_key.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    except ValueError as exc:
+        raise KeyMaterialError(f"X25519 exchange with silo key failed: {exc}") from exc
+    lo, hi = sorted((a, b))
+    info = struct.pack(">QQQ", round_id, lo, hi)
+    return HKDF(hashes.SHA256(), 32, _PAIR_SALT, info).derive(shared)
+
+
+def _pack(kind: int, round_id: int, sender: int, body: bytes) -> bytes:
+    return _HEAD.pack(_MAGIC, VERSION, kind, round_id, sender) + body
+
+
+def _unpack(data: bytes, kind: int, round_id: int, what: str) -> tuple[int, memoryview]:
+    if not isinstance(data, (bytes, bytearray)):
+        raise TypeError(f"{what} must be bytes, got {type(data).__name__}.")
+    if len(data) < _HEAD.size:
+        raise CryptoError(f"{what} is truncated: {len(data)} bytes, header needs {_HEAD.size}.")
+    magic, version, got_kind, got_round, sender = _HEAD.unpack_from(data, 0)
+    if magic != _MAGIC or version != VERSION:
+        raise CryptoError(f"{what} has a bad magic or version (expected {_MAGIC!r} v{VERSION}).")
+    if got_kind != kind:
+        raise CryptoError(f"{what} has message kind {got_kind}, expected {kind}.")
+    if got_round != round_id:
+        raise CryptoError(f"{what} is for round {got_round}, expected round {round_id}.")
+    return sender, memoryview(data)[_HEAD.size :]
+
+
+def _pack_ids(ids: list[int]) -> bytes:
+    return struct.pack(f">H{len(ids)}Q", len(ids), *ids)
+
+
+def _unpack_ids(body: memoryview, off: int, what: str) -> tuple[list[int], int]:
+    if len(body) < off + 2:
+        raise CryptoError(f"{what} is truncated.")
+    (count,) = struct.unpack_from(">H", body, off)
+    end = off + 2 + 8 * count
+    if len(body) < end:
+        raise CryptoError(f"{what} is truncated.")
+    return list(struct.unpack_from(f">{count}Q", body, off + 2)), end
+
+
+class MaskingClient:
+    """Silo side of one round. Call the stage methods in order (or :meth:`handle`)."""
+
+    def __init__(self, silo_id: int) -> None:
+        self.silo_id = silo_id
+        self._stage: str | None = None
+        self._config: SecAggConfig | None = None
+        self._public_keys: dict[int, bytes] = {}
+        self._u2: list[int] = []
+        self._held: dict[int, tuple[bytes, bytes]] = {}  # owner -> (self share, key share)
+        self._unmasked = False
+
+    def _expect(self, previous: str, stage: str) -> SecAggConfig:
+        if self._stage != previous or self._config is None:
+            raise ValueError(
+                f"Stage {stage!r} must follow {previous!r}, but the last was {self._stage!r}."
+            )
+        self._stage = stage
+        return self._config
+
+    def handle(self, stage: str, message: Any, update: np.ndarray | None = None) -> Any:
+        """Dispatch one incoming message by stage name and return the reply."""
+        if stage == STAGE_SETUP:
+            return self.setup(message)
+        if stage == STAGE_SHARE_KEYS:
+            return self.share_keys(message)
+        if stage == STAGE_COLLECT_MASKED_VECTORS:
+            if update is None:
+                raise ValueError(f"Stage {stage!r} needs the update vector.")
+            return self.masked_update(message, update)
+        if stage == STAGE_UNMASK:
+            return self.unmask(message)
+        raise ValueError(f"Unknown stage: {stage!r}; expected one of {STAGES}.")
+
+    def setup(self, config_bytes: bytes) -> bytes:
+        """``STAGE_SETUP``: read the config, draw fresh keys; return the public-key message."""
+        if self._stage is not None:
+            raise ValueError(f"Stage {STAGE_SETUP!r} runs once per round; this client is past it.")
+        config = SecAggConfig.from_bytes(config_bytes)
+        if self.silo_id not in config.silo_ids:
+            raise ValueError(
+                f"Silo {self.silo_id} is not in the round's silo_ids {config.silo_ids}."
+            )
+        self._config = config
+        self._stage = STAGE_SETUP
+        self._mask_key = X25519PrivateKey.generate()  # fresh every round
+        self._self_seed = secrets.token_bytes(32)
+        pk = self._mask_key.public_key().public_bytes_raw()
+        return _pack(_KIND_PUBKEY, config.round_id, self.silo_id, pk)
+
+    def share_keys(self, broadcast: bytes) -> dict[int, bytes]:
+        """``STAGE_SHARE_KEYS``: check the key broadcast; return ``{peer_id: bundle}``.
+
+        Each bundle holds this silo's shares of its self-mask seed and of its mask private key
+        for one peer. The caller must encrypt every bundle end-to-end for that peer.
+        """
+        config = self._expect(STAGE_SETUP, STAGE_SHARE_KEYS)
+        keys = _parse_key_broadcast(broadcast, config)
+        own = self._mask_key.public_key().public_bytes_raw()
+        if keys.get(self.silo_id) != own:
+            raise AuthenticationError(
+                f"Key broadcast does not carry silo {self.silo_id}'s own key."
+            )
+        self._public_keys = keys
+        n = len(config.silo_ids)
+        self_shares = shamir.split(self._self_seed, config.threshold, n)
+        key_shares = shamir.split(self._mask_key.private_bytes_raw(), config.threshold, n)
+        bundles = {}
+        for peer in keys:
+            x = config.share_x(peer) - 1
+            body = struct.pack(">Q", peer) + self_shares[x] + key_shares[x]
+            if peer == self.silo_id:
+                self._held[peer] = (self_shares[x], key_shares[x])
+            else:
+                bundles[peer] = _pack(_KIND_BUNDLE, config.round_id, self.silo_id, body)
+        return bundles
+
+    def masked_update(self, bundles: Mapping[int, bytes], update: np.ndarray) -> bytes:
+        """``STAGE_COLLECT_MASKED_VECTORS``: store peers' bundles; return the masked upload."""
+        config = self._expect(STAGE_SHARE_KEYS, STAGE_COLLECT_MASKED_VECTORS)
+        vec = np.asarray(update).reshape(-1)
+        if vec.size != config.vector_length:
+            raise ValueError(f"update has {vec.size} values, config says {config.vector_length}.")
+        for sender, bundle in bundles.items():
+            owner, body = _unpack(bundle, _KIND_BUNDLE, config.round_id, "Share bundle")
+            if owner != sender or sender not in self._public_keys or sender == self.silo_id:
+                raise AuthenticationError(f"Share bundle from silo {sender} names owner {owner}.")
+            if len(body) != 8 + 2 * shamir.SHARE_BYTES:
+                raise CryptoError(f"Share bundle from silo {sender} has a bad length {len(body)}.")
+            (recipient,) = struct.unpack_from(">Q", body, 0)
+            if recipient != self.silo_id:
+                raise AuthenticationError(
+                    f"Share bundle from silo {sender} is for silo {recipient}."
+                )
+            s_share = bytes(body[8 : 8 + shamir.SHARE_BYTES])
+            k_share = bytes(body[8 + shamir.SHARE_BYTES :])
+            for share in (s_share, k_share):
+                if shamir.Share.from_bytes(share).x != config.share_x(self.silo_id):
+                    raise AuthenticationError(f"Share bundle from silo {sender} holds another x.")
+            self._held[sender] = (s_share, k_share)
+        self._u2 = sorted(self._held)
+        if len(self._u2) < config.threshold:
+            raise CryptoError(
+                f"Only {len(self._u2)} silos shared keys; the threshold is {config.threshold}."
+            )
+        n, r = config.vector_length, config.round_id
+        masked = config.codec.encode(vec)
+        masked += prg.expand(self._self_seed, n, label=_LABEL_SELF, round_id=r)
+        for peer in self._u2:
+            if peer == self.silo_id:
+                continue
+            seed = pair_seed(self._mask_key, self._public_keys[peer], r, self.silo_id, peer)
+            mask = prg.expand(seed, n, label=_LABEL_PAIR, round_id=r)
+            if peer > self.silo_id:
+                masked += mask
+            else:
+                masked -= mask
+        body = struct.pack(">Q", n) + masked.astype("<u4").tobytes()
+        return _pack(_KIND_MASKED, r, self.silo_id, body)
+
+    def unmask(self, request: bytes) -> bytes:
+        """``STAGE_UNMASK``: reveal self-seed shares of survivors and key shares of dropped silos.
+
+        Raises if a silo is in both sets, if asked twice, or if fewer than ``threshold`` survive:
+        revealing both shares of one silo would let the server unmask its individual update.
+        """
+        config = self._expect(STAGE_COLLECT_MASKED_VECTORS, STAGE_UNMASK)
+        if self._unmasked:
+            raise CryptoError("This silo already answered the unmask request of this round.")
+        survivors, dropped = _parse_unmask_request(request, config)
+        both = set(survivors) & set(dropped)
+        if both:
+            raise CryptoError(f"Refusing to reveal both shares of silos {sorted(both)}.")
+        unknown = (set(survivors) | set(dropped)) - set(self._u2)
+        if unknown:
+            raise CryptoError(f"Unmask request names silos {sorted(unknown)} that shared no keys.")
+        if self.silo_id not in survivors:
+            raise CryptoError(f"Unmask request does not list silo {self.silo_id} as a survivor.")
+        if len(survivors) < config.threshold:
+            raise CryptoError(
+                f"Only {len(survivors)} survivors; the threshold is {config.threshold}."
+            )
+        self._unmasked = True
+        entries = [struct.pack(">QB", k, _SHARE_SELF) + self._held[k][0] for k in survivors]
+        entries += [struct.pack(">QB", j, _SHARE_KEY) + self._held[j][1] for j in dropped]
+        body = struct.pack(">H", len(entries)) + b"".join(entries)
+        return _pack(_KIND_REVEAL, config.round_id, self.silo_id, body)
+
+
+def _parse_key_broadcast(data: bytes, config: SecAggConfig) -> dict[int, bytes]:
+    _, body = _unpack(data, _KIND_KEYS, config.round_id, "Key broadcast")
+    (count,) = struct.unpack_from(">H", body, 0) if len(body) >= 2 else (-1,)
+    if count < 0 or len(body) != 2 + 40 * count:
+        raise CryptoError("Key broadcast is truncated or has trailing bytes.")
+    keys: dict[int, bytes] = {}
+    for k in range(count):
+        (sid,) = struct.unpack_from(">Q", body, 2 + 40 * k)
+        if sid not in config.silo_ids or sid in keys:
+            raise CryptoError(f"Key broadcast names unknown or duplicate silo {sid}.")
+        keys[sid] = bytes(body[10 + 40 * k : 42 + 40 * k])
+    if len(keys) < config.threshold:
+        raise CryptoError(
+            f"Key broadcast has {len(keys)} keys; the threshold is {config.threshold}."
+        )
+    return keys
+
+
+def _parse_unmask_request(data: bytes, config: SecAggConfig) -> tuple[list[int], list[int]]:
+    _, body = _unpack(data, _KIND_UNMASK, config.round_id, "Unmask request")
+    survivors, off = _unpack_ids(body, 0, "Unmask request")
+    dropped, off = _unpack_ids(body, off, "Unmask request")
+    if off != len(body):
+        raise CryptoError("Unmask request has trailing bytes.")
+    for group in (survivors, dropped):
+        if len(set(group)) != len(group):
+            raise CryptoError("Unmask request lists a silo twice.")
+    return survivors, dropped
+
+
+class MaskingServer:
+    """Server side of one round: routes messages, never sees an unmasked individual update."""
+
+    def __init__(self, config: SecAggConfig) -> None:
+        self.config = config
+        self._keys: dict[int, bytes] = {}
+        self._u1: list[int] | None = None
+        self._bundles: dict[int, dict[int, bytes]] = {}
+        self._u2: list[int] | None = None
+        self._masked: dict[int, np.ndarray] = {}
+        self._request: tuple[list[int], list[int]] | None = None
+        self._reveals: dict[int, dict[tuple[int, int], bytes]] = {}
+
+    def handle(self, stage: str, message: Any, sender: int | None = None) -> None:
+        """Record one silo's reply to the server's ``stage`` message.
+
+        Replies: ``STAGE_SETUP`` -> public key, ``STAGE_SHARE_KEYS`` -> ``{peer: bundle}`` from
+        ``sender``, ``STAGE_COLLECT_MASKED_VECTORS`` -> masked upload, ``STAGE_UNMASK`` -> reveal.
+        """
+        if stage == STAGE_SETUP:
+            self.receive_public_key(message)
+        elif stage == STAGE_SHARE_KEYS:
+            if sender is None:
+                raise ValueError(f"Stage {stage!r} replies need the sender's silo id.")
+            self.receive_bundles(sender, message)
+        elif stage == STAGE_COLLECT_MASKED_VECTORS:
+            self.receive_masked(message)
+        elif stage == STAGE_UNMASK:
+            self.receive_reveal(message)
+        else:
+            raise ValueError(f"Unknown stage: {stage!r}; expected one of {STAGES}.")
+
+    def setup_message(self) -> bytes:
+        """``STAGE_SETUP`` message for every silo."""
+        return self.config.to_bytes()
+
+    def receive_public_key(self, message: bytes) -> None:
+        """Record one silo's mask public key (answer to ``STAGE_SETUP``)."""
+        if self._u1 is not None:
+            raise CryptoError("Public keys arrived after the key broadcast was sent.")
+        sender, body = _unpack(message, _KIND_PUBKEY, self.config.round_id, "Public key message")
+        if sender not in self.config.silo_ids or sender in self._keys:
+            raise CryptoError(f"Public key from unknown or repeated silo {sender}.")
+        if len(body) != 32:
+            raise KeyMaterialError(f"X25519 public key must be 32 bytes, got {len(body)}.")
+        self._keys[sender] = bytes(body)
+
+    def key_broadcast(self) -> bytes:
+        """``STAGE_SHARE_KEYS`` message: every received public key; fixes ``U1``."""
+        if len(self._keys) < self.config.threshold:
+            raise CryptoError(
+                f"Only {len(self._keys)} silos sent keys; the threshold is {self.config.threshold}."
+            )
+        self._u1 = sorted(self._keys)
+        body = struct.pack(">H", len(self._u1))
+        body += b"".join(struct.pack(">Q", s) + self._keys[s] for s in self._u1)
+        return _pack(_KIND_KEYS, self.config.round_id, 0, body)
+
+    def receive_bundles(self, sender: int, bundles: Mapping[int, bytes]) -> None:
+        """Record one silo's (caller-encrypted, opaque) bundles; the silo joins ``U2``."""
+        if self._u1 is None or self._u2 is not None:
+            raise CryptoError("Share bundles arrive only after the key broadcast, before routing.")
+        if sender not in self._u1 or sender in self._bundles:
+            raise CryptoError(f"Share bundles from unknown or repeated silo {sender}.")
+        expected = set(self._u1) - {sender}
+        if set(bundles) != expected:
+            raise CryptoError(f"Silo {sender} must send one bundle to each of {sorted(expected)}.")
+        self._bundles[sender] = {int(k): bytes(v) for k, v in bundles.items()}
+
+    def bundles_for(self, recipient: int) -> dict[int, bytes]:
+        """Bundles for ``recipient`` as ``{sender: bundle}``; the first call fixes ``U2``."""
+        if self._u2 is None:
+            if len(self._bundles) < self.config.threshold:
+                raise CryptoError(
+                    f"Only {len(self._bundles)} silos sent shares; "
+                    f"the threshold is {self.config.threshold}."
+                )
+            self._u2 = sorted(self._bundles)
+        return {s: self._bundles[s][recipient] for s in self._u2 if s != recipient}
+
+    def receive_masked(self, message: bytes) -> None:
+        """Record one masked upload; the silo joins ``U3``."""
+        if self._u2 is None or self._request is not None:
+            raise CryptoError("Masked uploads arrive only after routing shares, before unmasking.")
+        sender, body = _unpack(message, _KIND_MASKED, self.config.round_id, "Masked upload")
+        if sender not in self._u2 or sender in self._masked:
+            raise CryptoError(f"Masked upload from unknown or repeated silo {sender}.")
+        n = self.config.vector_length
+        if len(body) != 8 + 4 * n or struct.unpack_from(">Q", body, 0)[0] != n:
+            raise CryptoError(f"Masked upload from silo {sender} must hold exactly {n} values.")
+        self._masked[sender] = np.frombuffer(body[8:], dtype="<u4").astype(np.uint32)
+
+    def unmask_request(self) -> bytes:
+        """``STAGE_UNMASK`` message naming survivors ``U3`` and dropped ``U2 - U3``."""
+        if self._u2 is None:
+            raise CryptoError("Unmasking needs shares routed and uploads collected first.")
+        survivors = sorted(self._masked)
+        if len(survivors) < self.config.threshold:
+            raise CryptoError(
+                f"Only {len(survivors)} silos uploaded masked vectors; "
+                f"the threshold is {self.config.threshold}."
+            )
+        dropped = [s for s in self._u2 if s not in self._masked]
+        self._request = (survivors, dropped)
+        return _pack(
+            _KIND_UNMASK, self.config.round_id, 0, _pack_ids(survivors) + _pack_ids(dropped)
+        )
+
+    def receive_reveal(self, message: bytes) -> None:
+        """Record one silo's revealed shares, checking they are exactly the ones requested."""
+        if self._request is None:
+            raise CryptoError("Reveals arrive only after the unmask request.")
+        survivors, dropped = self._request
+        sender, body = _unpack(message, _KIND_REVEAL, self.config.round_id, "Reveal")
+        if sender not in survivors or sender in self._reveals:
+            raise CryptoError(f"Reveal from silo {sender}, which is not an unrevealed survivor.")
+        wanted = {(k, _SHARE_SELF) for k in survivors} | {(j, _SHARE_KEY) for j in dropped}
+        step = 9 + shamir.SHARE_BYTES
+        if len(body) < 2 or len(body) != 2 + step * struct.unpack_from(">H", body, 0)[0]:
+            raise CryptoError(f"Reveal from silo {sender} is truncated or has trailing bytes.")
+        got: dict[tuple[int, int], bytes] = {}
+        x = self.config.share_x(sender)
+        for off in range(2, len(body), step):
+            owner, kind = struct.unpack_from(">QB", body, off)
+            share = bytes(body[off + 9 : off + step])
+            if (owner, kind) not in wanted or (owner, kind) in got:
+                raise CryptoError(f"Reveal from silo {sender} holds an unrequested share.")
+            if shamir.Share.from_bytes(share).x != x:
+                raise AuthenticationError(f"Reveal from silo {sender} holds a share of another x.")
+            got[(owner, kind)] = share
+        if set(got) != wanted:
+            raise CryptoError(f"Reveal from silo {sender} misses requested shares.")
+        self._reveals[sender] = got
+
+    def aggregate(self) -> np.ndarray:
+        """Remove all masks and decode the plain (weighted) sum of the survivors' updates.
+
+        Returns
+        -------
+        numpy.ndarray
+            Float32, shape ``(vector_length,)``.
+        """
+        if self._request is None:
+            raise CryptoError("Aggregation needs the unmask request to have been sent.")
+        survivors, dropped = self._request
+        t = self.config.threshold
+        if len(self._reveals) < t:
+            raise CryptoError(f"Only {len(self._reveals)} silos revealed shares; need {t}.")
+        n, r = self.config.vector_length, self.config.round_id
+
+        def rebuild(owner: int, kind: int) -> bytes:
+            return shamir.combine([rev[(owner, kind)] for rev in self._reveals.values()])
+
+        total = np.zeros(n, dtype=np.uint32)
+        for k in survivors:
+            total += self._masked[k]
+            total -= prg.expand(rebuild(k, _SHARE_SELF), n, label=_LABEL_SELF, round_id=r)
+        for j in dropped:
+            try:
+                sk_j = X25519PrivateKey.from_private_bytes(rebuild(j, _SHARE_KEY))
+            except ValueError as exc:
+                raise KeyMaterialError(f"Rebuilt mask key of silo {j} is invalid.") from exc
+            if sk_j.public_key().public_bytes_raw() != self._keys[j]:
+                raise AuthenticationError(
+                    f"Rebuilt mask key of silo {j} does not match its public key."
+                )
+            for k in survivors:
+                mask = prg.expand(
+                    pair_seed(sk_j, self._keys[k], r, j, k), n, label=_LABEL_PAIR, round_id=r
+                )
+                # Survivor k added +mask when j > k and -mask when j < k: undo it.
+                if j > k:
+                    total -= mask
+                else:
+                    total += mask
+        logger.debug(
+            "Unmasked round %s: %d survivors, %d dropped.", r, len(survivors), len(dropped)
+        )
+        return self.config.codec.decode_sum(total, n_terms=len(survivors))
