@@ -7,6 +7,7 @@ directions. Messages are opaque: encryption (``silotune.crypto``) and framing
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -19,6 +20,7 @@ __all__ = [
     "ConnectionHandler",
     "ConnectionServer",
     "HandlerThreads",
+    "Inbox",
     "MessageTooLarge",
     "TransportError",
     "TransportTimeout",
@@ -168,3 +170,73 @@ class HandlerThreads:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             thread.join(remaining)
         return not any(thread.is_alive() for thread in threads)
+
+
+class Inbox:
+    """Received messages not yet read, bounded in bytes; closing wakes every waiter.
+
+    Parameters
+    ----------
+    max_bytes
+        ``put`` waits while the queued messages hold more (a single message always fits), so a
+        transport's reader stops reading and the network's flow control slows the sender.
+        ``None``: unbounded.
+    """
+
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self._cond = threading.Condition()
+        self._items: collections.deque[bytes] = collections.deque()
+        self._bytes = 0
+        self._max = max_bytes
+        self._closed_reason: str | None = None
+
+    def put(self, message: bytes) -> bool:
+        """Queue a message, waiting for room; return False if the inbox is closed."""
+        with self._cond:
+            while (
+                self._max is not None
+                and self._items
+                and self._bytes + len(message) > self._max
+                and self._closed_reason is None
+            ):
+                self._cond.wait()
+            if self._closed_reason is not None:
+                return False
+            self._items.append(message)
+            self._bytes += len(message)
+            self._cond.notify_all()
+            return True
+
+    def get(self, timeout: float | None = None) -> bytes:
+        """Return the oldest message (still returned after a close without ``discard``).
+
+        Raises
+        ------
+        ConnectionClosed
+            If the inbox is closed and empty; the message is the reason given to :meth:`close`.
+        TransportTimeout
+            If no message arrived within ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self._items:
+                if self._closed_reason is not None:
+                    raise ConnectionClosed(self._closed_reason)
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TransportTimeout(f"No message within {timeout} s.")
+                self._cond.wait(remaining)
+            message = self._items.popleft()
+            self._bytes -= len(message)
+            self._cond.notify_all()
+            return message
+
+    def close(self, reason: str, discard: bool = False) -> None:
+        """Refuse new messages; ``discard`` also drops unread ones. The first reason sticks."""
+        with self._cond:
+            if self._closed_reason is None:
+                self._closed_reason = reason
+            if discard:
+                self._items.clear()
+                self._bytes = 0
+            self._cond.notify_all()

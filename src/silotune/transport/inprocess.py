@@ -6,15 +6,14 @@ transport (ordered whole messages, ConnectionClosed after either side closes) wi
 
 from __future__ import annotations
 
-import queue
 import threading
 from types import TracebackType
-from typing import cast
 
 from silotune.transport.base import (
     ConnectionClosed,
     ConnectionHandler,
     HandlerThreads,
+    Inbox,
     MessageTooLarge,
     TransportError,
     TransportTimeout,
@@ -22,8 +21,6 @@ from silotune.transport.base import (
 )
 
 __all__ = ["InProcessConnection", "InProcessServer", "inprocess_pair"]
-
-_CLOSED = object()  # sentinel placed in inboxes when the pair closes
 
 
 class _PairState:
@@ -42,19 +39,13 @@ class InProcessConnection:
     """
 
     def __init__(
-        self,
-        inbox: queue.SimpleQueue[object],
-        outbox: queue.SimpleQueue[object],
-        state: _PairState,
-        peer: str,
-        max_message_bytes: int,
+        self, inbox: Inbox, outbox: Inbox, state: _PairState, peer: str, max_message_bytes: int
     ) -> None:
         self._inbox = inbox
-        self._outbox = outbox
+        self._outbox = outbox  # the peer's inbox
         self._state = state
         self._peer = peer
         self._max = max_message_bytes
-        self._closed_here = False
 
     @property
     def peer(self) -> str:
@@ -82,9 +73,8 @@ class InProcessConnection:
                 f"Message of {len(message)} bytes exceeds the maximum of {self._max} bytes."
             )
         with self._state.lock:
-            if self._state.closed:
+            if self._state.closed or not self._outbox.put(message):
                 raise ConnectionClosed(f"Connection to {self._peer} is closed.")
-            self._outbox.put(message)
 
     def recv(self, timeout: float | None = None) -> bytes:
         """Return the next message from the peer.
@@ -96,26 +86,17 @@ class InProcessConnection:
         TransportTimeout
             If no message arrived within ``timeout`` seconds.
         """
-        if self._closed_here:
-            raise ConnectionClosed(f"Connection to {self._peer} is closed.")
         try:
-            item = self._inbox.get(timeout=timeout)
-        except queue.Empty:
+            return self._inbox.get(timeout)
+        except TransportTimeout:
             raise TransportTimeout(f"No message from {self._peer} within {timeout} s.") from None
-        if item is _CLOSED:
-            self._inbox.put(_CLOSED)  # later calls raise too
-            raise ConnectionClosed(f"Connection to {self._peer} is closed.")
-        return cast(bytes, item)
 
     def close(self) -> None:
         """Close both directions; idempotent."""
         with self._state.lock:
-            self._closed_here = True
-            if self._state.closed:
-                return
             self._state.closed = True
-            self._outbox.put(_CLOSED)
-            self._inbox.put(_CLOSED)
+            self._inbox.close(f"Connection to {self._peer} was closed locally.", discard=True)
+            self._outbox.close("The peer closed the connection.")
 
     def __enter__(self) -> InProcessConnection:
         return self
@@ -144,8 +125,7 @@ def inprocess_pair(
     if max_message_bytes < 1:
         raise ValueError(f"max_message_bytes must be >= 1, got {max_message_bytes}.")
     state = _PairState()
-    a_inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
-    b_inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+    a_inbox, b_inbox = Inbox(), Inbox()
     a = InProcessConnection(a_inbox, b_inbox, state, names[1], max_message_bytes)
     b = InProcessConnection(b_inbox, a_inbox, state, names[0], max_message_bytes)
     return a, b
