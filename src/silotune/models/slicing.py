@@ -52,7 +52,14 @@ from silotune.errors import ModelError
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
+    "DecoderHead",
+    "DecoderTail",
+    "DecoderTrunk",
+    "GPT2Head",
+    "GPT2Tail",
+    "GPT2Trunk",
     "PrefixKV",
+    "SplitPart",
     "SplitParts",
     "position_ids_from_mask",
     "split_model",
@@ -94,8 +101,11 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return position_ids.masked_fill(mask == 0, 1)
 
 
-class _Part(nn.Module):
-    """A contiguous run of decoder blocks plus the shared checks and prefix handling."""
+class SplitPart(nn.Module):
+    """A contiguous run of decoder blocks plus the shared checks and prefix handling.
+
+    ``layer_indices`` holds the global indices of the part's blocks in the model.
+    """
 
     def __init__(
         self,
@@ -123,13 +133,14 @@ class _Part(nn.Module):
         blocks: nn.ModuleDict = getattr(self, self._blocks_name)
         return blocks
 
-    def _check_mask(self, tokens_shape: torch.Size, attention_mask: torch.Tensor) -> None:
-        """Reject a 2-D mask whose shape does not match the ``(B, T)`` of the tokens."""
-        if attention_mask.dim() != 2 or tuple(attention_mask.shape) != tuple(tokens_shape[:2]):
+    def _checked_mask(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The 2-D mask on the tokens' device; ModelError unless it is ``(B, T)`` of the tokens."""
+        if attention_mask.dim() != 2 or tuple(attention_mask.shape) != tuple(tokens.shape[:2]):
             raise ModelError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}; it must be 2-D (B, T) "
-                f"= {tuple(tokens_shape[:2])}, with 1 for real tokens and 0 for padding."
+                f"= {tuple(tokens.shape[:2])}, with 1 for real tokens and 0 for padding."
             )
+        return attention_mask.to(tokens.device)
 
     def _check_hidden(self, hidden_states: torch.Tensor) -> None:
         """Reject hidden states that are not ``(B, T, hidden_size)``."""
@@ -156,6 +167,14 @@ class _Part(nn.Module):
                     "pass None or an empty sequence."
                 )
             return None, attention_mask
+        if any(
+            getattr(b, "gradient_checkpointing", False) and b.training for b in self.blocks.values()
+        ):
+            raise ModelError(
+                "A prefix cannot be used while gradient checkpointing is on in training (the "
+                "blocks would drop it); call model.gradient_checkpointing_disable() or pass "
+                "no prefix."
+            )
         if len(prefix) != len(self.layer_indices):
             raise ModelError(
                 f"prefix has {len(prefix)} (key, value) pairs; this part has "
@@ -175,8 +194,9 @@ class _Part(nn.Module):
                     f"a prefix value has shape {tuple(value.shape)} but its key has "
                     f"{tuple(key.shape)}; they must match."
                 )
+        device = attention_mask.device
         empty = [(None, None)] * self.layer_indices[0]
-        cache = DynamicCache([*empty, *((key, value) for key, value in prefix)])
+        cache = DynamicCache([*empty, *((k.to(device), v.to(device)) for k, v in prefix)])
         prefix_mask = attention_mask.new_ones(batch_size, prefix_len)  # (B, P)
         return cache, torch.cat([prefix_mask, attention_mask], dim=1)  # (B, P + T)
 
@@ -184,7 +204,7 @@ class _Part(nn.Module):
 # ----------------------------------------------------------------------------- Llama family
 
 
-class _DecoderPart(_Part):
+class _DecoderPart(SplitPart):
     """Blocks of a Llama-family model (Llama, Qwen2, Mistral) with its shared rotary module."""
 
     def __init__(
@@ -249,7 +269,7 @@ class DecoderHead(_DecoderPart):
         prefix: PrefixKV | None = None,
     ) -> torch.Tensor:
         """Map ``input_ids (B, T)`` and ``attention_mask (B, T)`` to hidden states ``(B, T, C)``."""
-        self._check_mask(input_ids.shape, attention_mask)
+        attention_mask = self._checked_mask(input_ids, attention_mask)
         hidden_states = self.embed_tokens(input_ids)  # (B, T, C)
         return self._run_blocks(hidden_states, attention_mask, prefix)  # (B, T, C)
 
@@ -265,7 +285,7 @@ class DecoderTrunk(_DecoderPart):
     ) -> torch.Tensor:
         """Map hidden states ``(B, T, C)`` and ``attention_mask (B, T)`` to ``(B, T, C)``."""
         self._check_hidden(hidden_states)
-        self._check_mask(hidden_states.shape, attention_mask)
+        attention_mask = self._checked_mask(hidden_states, attention_mask)
         return self._run_blocks(hidden_states, attention_mask, prefix)  # (B, T, C)
 
 
@@ -285,7 +305,7 @@ class DecoderTail(_DecoderPart):
     ) -> torch.Tensor:
         """Map hidden states ``(B, T, C)`` and ``attention_mask (B, T)`` to logits ``(B, T, V)``."""
         self._check_hidden(hidden_states)
-        self._check_mask(hidden_states.shape, attention_mask)
+        attention_mask = self._checked_mask(hidden_states, attention_mask)
         hidden_states = self._run_blocks(hidden_states, attention_mask, prefix)  # (B, T, C)
         return self.lm_head(self.norm(hidden_states))  # (B, T, V)
 
@@ -293,7 +313,7 @@ class DecoderTail(_DecoderPart):
 # ----------------------------------------------------------------------------- GPT-2
 
 
-class _GPT2Part(_Part):
+class _GPT2Part(SplitPart):
     """Blocks of a GPT-2 model (learned absolute positions, added in the head only)."""
 
     def __init__(self, config: PretrainedConfig, first_layer: int, blocks: Sequence[nn.Module]):
@@ -348,7 +368,7 @@ class GPT2Head(_GPT2Part):
         prefix: PrefixKV | None = None,
     ) -> torch.Tensor:
         """Map ``input_ids (B, T)`` and ``attention_mask (B, T)`` to hidden states ``(B, T, C)``."""
-        self._check_mask(input_ids.shape, attention_mask)
+        attention_mask = self._checked_mask(input_ids, attention_mask)
         position_ids = position_ids_from_mask(attention_mask)  # (B, T)
         hidden_states = self.wte(input_ids) + self.wpe(position_ids)  # (B, T, C)
         hidden_states = self.drop(hidden_states)
@@ -366,7 +386,7 @@ class GPT2Trunk(_GPT2Part):
     ) -> torch.Tensor:
         """Map hidden states ``(B, T, C)`` and ``attention_mask (B, T)`` to ``(B, T, C)``."""
         self._check_hidden(hidden_states)
-        self._check_mask(hidden_states.shape, attention_mask)
+        attention_mask = self._checked_mask(hidden_states, attention_mask)
         return self._run_blocks(hidden_states, attention_mask, prefix)  # (B, T, C)
 
 
@@ -386,7 +406,7 @@ class GPT2Tail(_GPT2Part):
     ) -> torch.Tensor:
         """Map hidden states ``(B, T, C)`` and ``attention_mask (B, T)`` to logits ``(B, T, V)``."""
         self._check_hidden(hidden_states)
-        self._check_mask(hidden_states.shape, attention_mask)
+        attention_mask = self._checked_mask(hidden_states, attention_mask)
         hidden_states = self._run_blocks(hidden_states, attention_mask, prefix)  # (B, T, C)
         return self.lm_head(self.ln_f(hidden_states))  # (B, T, V)
 
@@ -408,9 +428,9 @@ class SplitParts:
         ``tail(hidden_states (B, T, C), attention_mask (B, T), prefix=None) -> (B, T, V)``.
     """
 
-    head: nn.Module
-    trunk: nn.Module
-    tail: nn.Module
+    head: SplitPart
+    trunk: SplitPart
+    tail: SplitPart
 
     def split_prefix(self, prefix: PrefixKV) -> tuple[PrefixKV, PrefixKV, PrefixKV]:
         """Cut a whole-model prefix (one ``(key, value)`` pair per layer) into the parts' prefixes.
