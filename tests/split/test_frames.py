@@ -353,3 +353,28 @@ def test_bad_sigma_is_rejected(sigma: object) -> None:
 def test_noise_needs_a_float_tensor() -> None:
     with pytest.raises(ValueError, match="floating-point"):
         add_noise(torch.ones(2, dtype=torch.int64), 0.1)
+
+
+# --------------------------------------------------------------------------- over a transport
+
+
+def test_frames_cross_a_grpc_stream_intact() -> None:
+    from silotune.transport.base import Connection
+    from silotune.transport.grpc_stream import GrpcStreamServer, connect
+
+    def trunk(conn: Connection) -> None:
+        frame = decode_frame(conn.recv(timeout=10))
+        grad = frame.tensors["hidden"] * 2  # stands in for the trunk's backward pass
+        conn.send(encode_frame("backward", frame.step, {"grad": grad}, silo_id=frame.silo_id))
+
+    hidden = torch.randn(4, 128, 512)  # (B, T, C): 1 MiB of float32, several gRPC chunks
+    with GrpcStreamServer(trunk, insecure=True, chunk_bytes=256 * 1024) as server:
+        with connect(server.target, insecure=True, chunk_bytes=256 * 1024) as silo:
+            silo.send(
+                encode_frame("forward", 5, {"hidden": hidden}, {"lengths": [128] * 4}, silo_id="s")
+            )
+            reply = decode_frame(
+                silo.recv(timeout=10), FrameLimits(allowed_kinds=frozenset({"backward"}))
+            )
+    assert (reply.kind, reply.step, reply.silo_id) == ("backward", 5, "s")
+    assert torch.equal(reply.tensors["grad"], hidden * 2)

@@ -285,6 +285,8 @@ def test_tls_or_insecure_must_be_chosen_explicitly() -> None:
         connect("127.0.0.1:1")
     with pytest.raises(ValueError, match="chunk_bytes"):
         connect("127.0.0.1:1", insecure=True, chunk_bytes=10)
+    with pytest.raises(ValueError, match="printable ASCII"):
+        connect("127.0.0.1:1", insecure=True, client_id="silo\n1")
 
 
 # --------------------------------------------------------------------------- dying clients

@@ -600,6 +600,10 @@ def connect(
         certificate that does not verify).
     """
     _check_sizes(chunk_bytes, max_message_bytes)
+    if len(client_id) > 128 or not all(" " <= ch <= "~" for ch in client_id):
+        raise ValueError(
+            f"client_id must be at most 128 printable ASCII characters: {client_id!r}."
+        )
     if (tls is None) == (not insecure):
         raise ValueError("connect() needs tls=TlsMaterial(...) or insecure=True, not both.")
     options = _limits(chunk_bytes)
