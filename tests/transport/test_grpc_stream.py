@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -265,6 +266,20 @@ def test_connect_without_a_server_fails_fast_and_clearly() -> None:
     with pytest.raises(TransportError, match=f"Cannot open a byte stream to {free_target}"):
         connect(free_target, insecure=True, timeout=5)
     assert time.monotonic() - start < 4
+
+
+def test_connect_to_a_silent_server_times_out() -> None:
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()  # completes TCP handshakes but never speaks HTTP/2
+    try:
+        target = f"127.0.0.1:{silent.getsockname()[1]}"
+        start = time.monotonic()
+        with pytest.raises(TransportError, match=f"No answer from {target} within 0.5 s"):
+            connect(target, insecure=True, timeout=0.5)
+        assert time.monotonic() - start < 3
+    finally:
+        silent.close()
 
 
 def test_connect_to_a_foreign_grpc_server_is_rejected() -> None:

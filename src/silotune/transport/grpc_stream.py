@@ -505,7 +505,7 @@ class GrpcStreamServer:
 
         def done() -> None:
             midway = " in the middle of a message" if connection._reassembler.partial else ""
-            connection._abort(f"the RPC ended{midway}")
+            connection._abort(f"the RPC ended{midway}", cancel=False)
             with self._lock:
                 self._connections.discard(connection)
 
