@@ -67,12 +67,6 @@ def test_aggregate_equals_weighted_plain_sum(keys):
     assert err < 1e-4
 
 
-def test_bytes_per_parameter_is_at_most_8_for_full_ciphertexts(keys):
-    n = 4 * 8192  # four full ciphertexts
-    ct = ckks.encrypt_update(keys["leader"], _update(1, n), 0.5)
-    assert len(ct) / n <= 8.05
-
-
 def test_values_beyond_clip_saturate(keys):
     x = np.array([-5.0, -1.0, 0.5, 3.0], dtype=np.float32)
     agg = ckks.aggregate(keys["public"], [ckks.encrypt_update(keys["leader"], x, 1.0)])
@@ -93,11 +87,33 @@ def test_sum_of_max_silos_extremes_does_not_wrap(keys):
 
 def test_tampered_ciphertext_raises(keys):
     x = _update(2)
-    ct = ckks.encrypt_update(keys["leader"], x, 1.0)
-    agg = bytearray(ckks.aggregate(keys["public"], [ct, ct]))
+    ct = ckks.encrypt_update(keys["leader"], x, 1.0, compress=False)
+    agg = bytearray(ckks.aggregate(keys["public"], [ct, ct], compress=False))
     agg[len(agg) // 2] ^= 0x04  # inside the coefficients of the first ciphertext
     with pytest.raises(AuthenticationError, match="tampered or corrupted"):
         ckks.decrypt_aggregate(keys["leader"], bytes(agg), LENGTH)
+
+
+def test_tampered_compressed_ciphertext_raises(keys):
+    ct = ckks.encrypt_update(keys["leader"], _update(2), 1.0)
+    agg = ckks.aggregate(keys["public"], [ct])
+    flipped = bytearray(agg)
+    flipped[len(agg) // 2] ^= 0x04
+    with pytest.raises(CryptoError, match="does not decompress|tampered"):
+        ckks.decrypt_aggregate(keys["leader"], bytes(flipped), LENGTH)
+    with pytest.raises(CryptoError, match="truncated"):
+        ckks.decrypt_aggregate(keys["leader"], agg[:-50], LENGTH)
+
+
+def test_compressed_and_plain_framing_decrypt_alike(keys):
+    n = 4 * 8192
+    x = _update(4, n)
+    packed = ckks.encrypt_update(keys["leader"], x, 0.5)
+    plain = ckks.encrypt_update(keys["leader"], x, 0.5, compress=False)
+    assert len(packed) / n < 8.0 < len(plain) / n < 8.05
+    for ct in (packed, plain):
+        out = ckks.decrypt_aggregate(keys["leader"], ckks.aggregate(keys["public"], [ct]), n)
+        np.testing.assert_allclose(out, x * 0.5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -107,11 +123,12 @@ def test_tampered_ciphertext_raises(keys):
         (lambda b: b"XXXX" + b[4:], "bad magic"),
         (lambda b: b[:-100], "truncated"),
         (lambda b: b + b"\x00", "trailing bytes"),
-        (lambda b: b[:41] + b"\xff" * 200 + b[241:], "not a valid BFV vector"),
+        (lambda b: b[:43] + b"\xff" * 200 + b[243:], "not a valid BFV vector"),
+        (lambda b: b[:4] + b"\x01\x02" + b[6:], "bad magic or version"),
     ],
 )
 def test_garbage_ciphertext_bytes_raise(keys, mutate, match):
-    ct = ckks.encrypt_update(keys["leader"], _update(3), 1.0)
+    ct = ckks.encrypt_update(keys["leader"], _update(3), 1.0, compress=False)
     with pytest.raises(CryptoError, match=match):
         ckks.aggregate(keys["public"], [mutate(ct)])
 

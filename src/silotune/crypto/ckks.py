@@ -16,19 +16,26 @@ only additions and BFV gives twice the slots of CKKS per ciphertext with exact i
 * Packing: each slot is ``a + b * 2**22`` with ``a, b`` two signed 22-bit fixed-point values
   (:class:`~silotune.crypto.fixedpoint.FixedPointCodec`, ``bits=22``, ``n_silos=max_silos=16``,
   ``clip=1``): sums of up to 16 updates never carry between fields nor wrap mod ``t``. Quantisation
-  step ``1 / 131071``; a 16-term sum is within 6.2e-5 of the float sum (4 terms: 1.6e-5).
-* Result: **8.0 bytes per parameter** (16 B per slot / 2 values; 8.02 with framing), against 81 B
-  for FedShield-LLM's CKKS (N = 8192, [60, 40, 40, 60], 2**40, one vector per tensor), and
-  public-key encryption about 10x faster (numbers in the project's benchmark report).
+  step ``1 / 131071``; a 16-term sum is within 6.1e-5 of the float sum (4 terms: 1.5e-5).
+* Framing: one TenSEAL BFV vector per 4096 slots (no TenSEAL split warnings), a versioned header
+  with key id, length and term count, and the body Huffman-coded by zlib (SEAL spends 8 bytes on
+  each 60-bit coefficient); ``compress=False`` skips that step.
+* Measured, 4,194,304 parameters x 4 silos, 2 shared CPU cores: **7.94 bytes per parameter**
+  (8.02 uncompressed) against 80.9 for FedShield-LLM's CKKS (N = 8192, [60, 40, 40, 60], 2**40,
+  one vector per tensor); encryption ~1.0-1.2 s per silo against ~10.3 s (about 9x faster);
+  aggregation 1.2 s (0.3 s uncompressed) against 5.1 s; decryption 0.4 s against 2.1 s; max error
+  1.5e-5 on a weighted sum of values with ``|x| <= 0.05``.
 
 Security properties: the key leader's :meth:`CkksKeys.serialize_secret` bytes go to the other silos
 encrypted end to end by the caller; the coordinator receives :meth:`CkksKeys.serialize_public`,
 built with TenSEAL's ``make_context_public()`` and without relinearisation or Galois keys, and
 :func:`aggregate` refuses a context that holds a secret key. BFV ciphertexts are malleable: the
 coordinator could add an encrypted offset, so upload integrity comes from the AEAD channel.
-:func:`decrypt_aggregate` checks every decrypted field against the no-wrap range, which detects
-corrupted or tampered ciphertexts (they decrypt to uniformly random slots) with overwhelming
-probability and raises :class:`AuthenticationError`.
+:func:`decrypt_aggregate` checks every decrypted field against the range its ``n_terms`` allow.
+A corrupted or tampered ciphertext decrypts to uniformly random slots, so with ``k`` terms each
+slot passes with probability about ``(k / max_silos)**2`` and all 4096 slots of a ciphertext pass
+with negligible probability for ``k < max_silos`` (at ``k = max_silos`` the check cannot fire);
+the failure raises :class:`AuthenticationError`.
 
 Weighting: a silo encrypts ``weight * x`` (``weight = n_i / N``), so the decrypted sum is the
 weighted FedAvg. Each weighted value is clipped to ``[-clip, clip]``.
@@ -39,6 +46,7 @@ from __future__ import annotations
 import json
 import secrets
 import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -67,7 +75,8 @@ MAX_VALUES = 1 << 31
 _KEY_MAGIC, _CT_MAGIC = b"STHK", b"STHC"
 _KIND_SECRET, _KIND_PUBLIC = 1, 2
 _KEY_HEAD = struct.Struct(">4sBB16sI")  # magic, version, kind, key_id, params length
-_CT_HEAD = struct.Struct(">4sB16sQII")  # magic, version, key_id, n_values, n_terms, n_chunks
+_CT_HEAD = struct.Struct(">4sBB16sQII")  # magic, version, flags, key_id, values, terms, chunks
+_FLAG_ZLIB = 1
 _LEN = struct.Struct(">I")
 
 
@@ -251,9 +260,36 @@ class CkksKeys:
         return cls(context, params, key_id)
 
 
-def _frame(keys: CkksKeys, n_values: int, n_terms: int, chunks: list[bytes]) -> bytes:
-    head = _CT_HEAD.pack(_CT_MAGIC, VERSION, keys.key_id, n_values, n_terms, len(chunks))
-    return head + b"".join(_LEN.pack(len(c)) + c for c in chunks)
+def _frame(
+    keys: CkksKeys, n_values: int, n_terms: int, chunks: list[bytes], compress: bool
+) -> bytes:
+    flags = _FLAG_ZLIB if compress else 0
+    head = _CT_HEAD.pack(_CT_MAGIC, VERSION, flags, keys.key_id, n_values, n_terms, len(chunks))
+    body = b"".join(_LEN.pack(len(c)) + c for c in chunks)
+    if not compress:
+        return head + body
+    # SEAL stores each 60-bit coefficient in 8 bytes; Huffman coding alone wins back the constant
+    # zero bits (8.02 -> 7.94 B/param) at ~90 MB/s, where LZ matching would only cost time.
+    deflater = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_HUFFMAN_ONLY)
+    return head + deflater.compress(body) + deflater.flush()
+
+
+def _inflate(keys: CkksKeys, data: memoryview, n_chunks: int) -> bytes:
+    # Bound the output before inflating untrusted bytes (no decompression bombs).
+    p = keys.params
+    limit = n_chunks * (_LEN.size + 16 * p.poly_modulus_degree * len(p.coeff_mod_bit_sizes) + 4096)
+    inflater = zlib.decompressobj()
+    try:
+        body = inflater.decompress(data, limit)
+    except zlib.error as exc:
+        raise CryptoError(
+            f"HE ciphertext does not decompress (corrupted or tampered): {exc}"
+        ) from exc
+    if inflater.unconsumed_tail:
+        raise CryptoError(f"HE ciphertext decompresses to more than {limit} bytes.")
+    if not inflater.eof or inflater.unused_data:
+        raise CryptoError("HE ciphertext's compressed body is truncated or has trailing bytes.")
+    return body
 
 
 def _unframe(keys: CkksKeys, data: bytes) -> tuple[int, int, list[bytes]]:
@@ -261,8 +297,8 @@ def _unframe(keys: CkksKeys, data: bytes) -> tuple[int, int, list[bytes]]:
         raise TypeError(f"ciphertext must be bytes, got {type(data).__name__}.")
     if len(data) < _CT_HEAD.size:
         raise CryptoError(f"HE ciphertext is truncated ({len(data)} bytes).")
-    magic, version, key_id, n_values, n_terms, n_chunks = _CT_HEAD.unpack_from(data, 0)
-    if magic != _CT_MAGIC or version != VERSION:
+    magic, version, flags, key_id, n_values, n_terms, n_chunks = _CT_HEAD.unpack_from(data, 0)
+    if magic != _CT_MAGIC or version != VERSION or flags not in (0, _FLAG_ZLIB):
         raise CryptoError(f"HE ciphertext has a bad magic or version (expected {_CT_MAGIC!r}).")
     if key_id != keys.key_id:
         raise KeyMaterialError("HE ciphertext was made under other keys (key id differs).")
@@ -274,16 +310,19 @@ def _unframe(keys: CkksKeys, data: bytes) -> tuple[int, int, list[bytes]]:
         raise CryptoError(
             f"HE ciphertext counts {n_terms} terms; allowed 1..{keys.params.max_silos}."
         )
-    chunks, off, view = [], _CT_HEAD.size, memoryview(data)
+    body: bytes | memoryview = memoryview(data)[_CT_HEAD.size :]
+    if flags & _FLAG_ZLIB:
+        body = memoryview(_inflate(keys, body, n_chunks))
+    chunks, off = [], 0
     for _ in range(n_chunks):
-        if off + _LEN.size > len(data):
+        if off + _LEN.size > len(body):
             raise CryptoError("HE ciphertext is truncated.")
-        (size,) = _LEN.unpack_from(data, off)
-        if off + _LEN.size + size > len(data):
+        (size,) = _LEN.unpack_from(body, off)
+        if off + _LEN.size + size > len(body):
             raise CryptoError("HE ciphertext is truncated.")
-        chunks.append(bytes(view[off + _LEN.size : off + _LEN.size + size]))
+        chunks.append(bytes(body[off + _LEN.size : off + _LEN.size + size]))
         off += _LEN.size + size
-    if off != len(data):
+    if off != len(body):
         raise CryptoError("HE ciphertext has trailing bytes.")
     return n_values, n_terms, chunks
 
@@ -310,7 +349,9 @@ def _chunk_slots(params: CkksParams, n_values: int) -> list[int]:
     return [min(params.slots, n_slots - i) for i in range(0, n_slots, params.slots)]
 
 
-def encrypt_update(keys: CkksKeys, vector: np.ndarray, weight: float) -> bytes:
+def encrypt_update(
+    keys: CkksKeys, vector: np.ndarray, weight: float, *, compress: bool = True
+) -> bytes:
     """Silo: encrypt ``weight * vector`` (clipped, quantised, two values per slot).
 
     Parameters
@@ -321,6 +362,9 @@ def encrypt_update(keys: CkksKeys, vector: np.ndarray, weight: float) -> bytes:
         Float update of any shape (flattened), 1 to 2**31 values, all finite.
     weight : float
         This silo's FedAvg weight ``n_i / N``, in (0, 1].
+    compress : bool
+        Huffman-code the body with zlib: 7.94 instead of 8.02 bytes per parameter for about
+        0.1 s more per million values.
 
     Returns
     -------
@@ -342,10 +386,12 @@ def encrypt_update(keys: CkksKeys, vector: np.ndarray, weight: float) -> bytes:
     for start in range(0, slots.size, params.slots):
         part = slots[start : start + params.slots].tolist()
         chunks.append(ts.bfv_vector(keys.context, part).serialize())
-    return _frame(keys, x.size, 1, chunks)
+    return _frame(keys, x.size, 1, chunks, compress)
 
 
-def aggregate(public_ctx_bytes: bytes, ciphertexts: Sequence[bytes]) -> bytes:
+def aggregate(
+    public_ctx_bytes: bytes, ciphertexts: Sequence[bytes], *, compress: bool = True
+) -> bytes:
     """Coordinator: add encrypted updates; needs, and accepts, only a public context.
 
     Parameters
@@ -354,6 +400,8 @@ def aggregate(public_ctx_bytes: bytes, ciphertexts: Sequence[bytes]) -> bytes:
         Output of :meth:`CkksKeys.serialize_public`; secret keys are refused.
     ciphertexts : sequence of bytes
         Outputs of :func:`encrypt_update` (or earlier aggregates) under the same keys and length.
+    compress : bool
+        zlib-compress the result, as in :func:`encrypt_update`.
 
     Returns
     -------
@@ -381,7 +429,7 @@ def aggregate(public_ctx_bytes: bytes, ciphertexts: Sequence[bytes]) -> bytes:
         for _, _, chunks in parsed[1:]:
             total += _load_chunk(keys, chunks[i], slots)
         out.append(total.serialize())
-    return _frame(keys, n_values, n_terms, out)
+    return _frame(keys, n_values, n_terms, out, compress)
 
 
 def decrypt_aggregate(keys: CkksKeys, data: bytes, length: int) -> np.ndarray:
