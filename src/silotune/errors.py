@@ -19,3 +19,7 @@ class CheckpointError(SilotuneError):
 
 class ModelError(SilotuneError):
     """A model name, folder or preset cannot be loaded."""
+
+
+class TrainingError(SilotuneError):
+    """Training cannot go on (e.g. the loss became NaN or infinite)."""

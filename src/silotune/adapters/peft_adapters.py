@@ -1,0 +1,120 @@
+"""Attach, save, load and read the state of PEFT adapters (LoRA and P-tuning v2 prefix)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import (
+    LoraConfig,
+    PeftConfig,
+    PeftModel,
+    PrefixTuningConfig,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
+from safetensors.torch import load_file
+from transformers import PreTrainedModel
+
+from silotune.config import AdapterConfig
+from silotune.errors import CheckpointError, ModelError
+
+# Default LoRA targets per architecture: the attention query and value projections, as in the
+# LoRA paper and the FIELD-NOTES reference runs. GPT-2 fuses q, k, v into one Conv1D, `c_attn`.
+DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+}
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def default_targets(model: PreTrainedModel) -> list[str]:
+    """LoRA target modules for this architecture, or a clear error naming the supported ones."""
+    kind = model.config.model_type
+    if kind not in DEFAULT_LORA_TARGETS:
+        raise ModelError(
+            f"no default LoRA targets for model type '{kind}' (known: "
+            f"{', '.join(DEFAULT_LORA_TARGETS)}); set adapter.target_modules"
+        )
+    return DEFAULT_LORA_TARGETS[kind]
+
+
+def peft_config(cfg: AdapterConfig, model: PreTrainedModel) -> PeftConfig:
+    """Translate silotune's adapter section into a PEFT config."""
+    if cfg.type == "lora":
+        return LoraConfig(
+            task_type="CAUSAL_LM",
+            r=cfg.r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=cfg.target_modules or default_targets(model),
+            fan_in_fan_out=model.config.model_type == "gpt2",
+        )
+    # P-tuning v2 = deep prompt tuning: trainable key/value prefixes in every layer.
+    return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens)
+
+
+def attach_adapter(model: PreTrainedModel, cfg: AdapterConfig, seed: int = 0) -> PeftModel:
+    """Freeze `model` and wrap it with a freshly initialised adapter (initialisation seeded)."""
+    config = peft_config(cfg, model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            peft_model = get_peft_model(model, config)
+        except ValueError as err:
+            raise ModelError(f"cannot attach the {cfg.type} adapter: {err}") from err
+    return peft_model
+
+
+def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The adapter's tensors only (PEFT names), detached copies on the CPU."""
+    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def set_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
+    """Load adapter tensors (PEFT names) into `model`, failing if any is missing or unexpected."""
+    result = set_peft_model_state_dict(model, state)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise CheckpointError(f"adapter state has unexpected tensors, e.g. {unexpected[0]}")
+    expected = set(get_peft_model_state_dict(model))
+    missing = expected - set(state)
+    if missing:
+        raise CheckpointError(
+            f"adapter state lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}"
+        )
+
+
+def save_adapter(model: PeftModel, out_dir: Path) -> None:
+    """Save in PEFT format (adapter_config.json + adapter_model.safetensors)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+
+def read_adapter_dir(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read and check a PEFT adapter folder: (config dict, tensors), with one clear error if bad."""
+    cfg_path, weights_path = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
+    for path in (cfg_path, weights_path):
+        if not path.is_file():
+            raise CheckpointError(f"adapter folder {adapter_dir} has no {path.name}")
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{cfg_path} is not valid JSON: {err}") from None
+    try:
+        tensors = load_file(weights_path)
+    except Exception as err:  # safetensors raises its own SafetensorError for corrupt files
+        raise CheckpointError(f"{weights_path} is corrupt or not safetensors: {err}") from None
+    return config, tensors
+
+
+def load_adapter(base: PreTrainedModel, adapter_dir: Path, trainable: bool = False) -> PeftModel:
+    """Load a saved adapter onto `base` (checked first, so a corrupt folder fails clearly)."""
+    read_adapter_dir(adapter_dir)
+    return PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable)

@@ -1,0 +1,200 @@
+"""The `silotune` command line: train, eval, demo, data, models, config, bench."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+
+from silotune.errors import SilotuneError
+
+app = typer.Typer(
+    help="Fine-tune one LLM across silos whose data and model stay private.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Build datasets.", no_args_is_help=True)
+models_app = typer.Typer(help="List and export model presets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+
+console = Console(stderr=True)
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config key, e.g. --set train.lr=1e-4 (repeatable)."),
+]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+        force=True,
+    )
+    # Third-party progress bars and warnings would drown silotune's own output.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    for name in ("transformers", "peft", "datasets", "httpx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    _setup_logging(verbose)
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="YAML job recipe (see configs/).")],
+    set_: SetOption = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a run already in output_dir.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train a job (mode: centralized)."""
+    from silotune.config import load_config
+    from silotune.train.trainer import train_centralized
+
+    cfg = load_config(config, set_)
+    summary = train_centralized(cfg, resume=resume, overwrite=overwrite, progress=progress)
+    _print_scores("test", summary["test"])
+    console.print(f"adapter saved to {summary['adapter']} (PEFT format)")
+
+
+@app.command("eval")
+def eval_(
+    config: Annotated[Path, typer.Argument(help="YAML job recipe (model, data, task).")],
+    adapter: Annotated[
+        Path | None, typer.Option(help="PEFT adapter folder; omit for the base model.")
+    ] = None,
+    split: Annotated[str, typer.Option(help="validation or test.")] = "test",
+    set_: SetOption = None,
+) -> None:
+    """Evaluate the base model, or the base model with an adapter, on a split."""
+    from silotune.config import load_config
+    from silotune.eval.runner import evaluate_job
+
+    scores = evaluate_job(load_config(config, set_), adapter, split)
+    _print_scores(split, scores)
+    typer.echo(__import__("json").dumps({"split": split, **scores}))
+
+
+@app.command()
+def demo(
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 0,
+    output_dir: Annotated[
+        Path | None, typer.Option(help="Keep the run here (default: temporary).")
+    ] = None,
+) -> None:
+    """A short end-to-end run on embedded defaults: tiny-llama on fortunes-sample."""
+    from silotune.demo import run_demo
+
+    run_demo(steps=steps or None, output_dir=output_dir, console=Console())
+
+
+@app.command("config")
+def show_config(
+    config: Annotated[Path, typer.Argument(help="YAML job recipe.")],
+    set_: SetOption = None,
+) -> None:
+    """Validate a recipe and print it with every default filled in."""
+    from silotune.config import dump_config, load_config
+
+    typer.echo(dump_config(load_config(config, set_)), nl=False)
+
+
+@data_app.command("fortunes")
+def data_fortunes(
+    out: Annotated[Path, typer.Option(help="Folder for train/validation/test JSONL.")],
+    categories: Annotated[int, typer.Option(help="Use the K largest categories.")] = 6,
+    seed: Annotated[int, typer.Option(help="Shuffle seed.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace files already in --out.")] = False,
+) -> None:
+    """Build the fortune-category classification dataset from Debian's `fortunes` package."""
+    from silotune.data.fortunes import DEFAULT_ROOT, build_fortunes_splits, write_splits
+
+    splits = build_fortunes_splits(DEFAULT_ROOT, categories=categories, seed=seed)
+    write_splits(splits, out, overwrite=overwrite)
+    sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+    console.print(f"wrote {out} ({sizes})")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List the built-in presets."""
+    from silotune.models.presets import PRESETS
+
+    for preset in PRESETS.values():
+        typer.echo(f"{preset.name:14s} {preset.description}")
+
+
+@models_app.command("export")
+def models_export(
+    name: Annotated[str, typer.Argument(help="Preset name or model folder.")],
+    out: Annotated[Path, typer.Option(help="Empty or new folder.")],
+) -> None:
+    """Write a preset as a standard Hugging Face folder (config, safetensors, tokenizer)."""
+    from silotune.models.loading import export_model
+
+    export_model(name, out)
+    console.print(f"exported {name} to {out}")
+
+
+@app.command()
+def bench(
+    name: Annotated[str, typer.Argument(help="Benchmark name (see --list).")] = "",
+    quick: Annotated[
+        bool, typer.Option(help="Smaller, faster variant (same output schema).")
+    ] = False,
+    list_: Annotated[bool, typer.Option("--list", help="List benchmarks.")] = False,
+) -> None:
+    """Run a benchmark against its baseline: a table, then one JSON line last."""
+    from silotune.bench import BENCHMARKS, run_benchmark
+
+    if list_ or not name:
+        for key, (desc, _) in BENCHMARKS.items():
+            typer.echo(f"{key:12s} {desc}")
+        return
+    run_benchmark(name, quick, Console())
+
+
+def _print_scores(split: str, scores: dict[str, float]) -> None:
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k != "examples")
+    console.print(f"{split}: {shown}")
+
+
+def main() -> None:
+    """Entry point: user errors print one line and exit 1; usage errors exit 2."""
+    try:
+        code = app(standalone_mode=False)
+    except SilotuneError as err:
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
+        sys.exit(1)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        console.print("interrupted")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

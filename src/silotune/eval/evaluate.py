@@ -1,0 +1,113 @@
+"""Evaluate a causal LM on a task: label log-likelihood classification, or LM loss and ROUGE-L."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from silotune.data.tasks import ClassificationTask, Encoded, LanguageModelingTask, collate
+from silotune.eval.metrics import accuracy, macro_f1, mean_rouge_l
+
+
+def _sequence_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of log p(target tokens) per sequence. Returns (B,)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logp = torch.log_softmax(out.logits[:, :-1, :].float(), dim=-1)  # (B, T-1, V)
+    targets = batch["labels"][:, 1:]  # (B, T-1)
+    mask = targets >= 0
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return (picked * mask).sum(dim=-1)
+
+
+def _batches(items: list[Encoded], size: int, pad_id: int, device: torch.device):
+    for start in range(0, len(items), size):
+        batch = collate(items[start : start + size], pad_id)
+        yield {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate_classification(
+    model: nn.Module,
+    task: ClassificationTask,
+    examples: list[dict],
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Predict the label whose tokens are most likely after the prompt; accuracy and macro-F1."""
+    was_training = model.training
+    model.eval()
+    pad_id = task.tokenizer.pad_token_id
+    k = len(task.labels)
+    candidates = [c for ex in examples for c in task.candidates(ex)]
+    scores = [
+        s
+        for b in _batches(candidates, batch_size, pad_id, device)
+        for s in _sequence_logprobs(model, b).tolist()
+    ]
+    preds = [
+        task.labels[max(range(k), key=lambda j: scores[i * k + j])] for i in range(len(examples))
+    ]
+    golds = [ex["label"] for ex in examples]
+    model.train(was_training)
+    return {
+        "accuracy": accuracy(preds, golds),
+        "macro_f1": macro_f1(preds, golds, labels=task.labels),
+        "examples": float(len(examples)),
+    }
+
+
+@torch.no_grad()
+def evaluate_lm(
+    model: nn.Module,
+    task: LanguageModelingTask,
+    examples: list[dict],
+    batch_size: int,
+    device: torch.device,
+    max_new_tokens: int = 32,
+) -> dict[str, float]:
+    """Token-weighted loss and perplexity; ROUGE-L of greedy continuations of each text's first half."""
+    was_training = model.training
+    model.eval()
+    tok = task.tokenizer
+    encoded = [task.encode(ex) for ex in examples]
+    total, count = 0.0, 0
+    for batch in _batches(encoded, batch_size, tok.pad_token_id, device):
+        n_targets = int((batch["labels"][:, 1:] >= 0).sum())
+        total += -float(_sequence_logprobs(model, batch).sum())
+        count += n_targets
+    preds, refs = [], []
+    for enc in encoded:
+        half = max(1, len(enc.input_ids) // 2)
+        prompt = torch.tensor([enc.input_ids[:half]], device=device)
+        want = enc.input_ids[half:][:max_new_tokens]
+        out = model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=max(1, len(want)),
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
+        preds.append(tok.decode(out[0, half:], skip_special_tokens=True))
+        refs.append(tok.decode(want, skip_special_tokens=True))
+    model.train(was_training)
+    loss = total / max(1, count)
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "rouge_l": mean_rouge_l(preds, refs),
+    }
+
+
+def evaluate(
+    model: nn.Module,
+    task: ClassificationTask | LanguageModelingTask,
+    examples: list[dict],
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Evaluate with the metrics of the task's kind."""
+    if isinstance(task, ClassificationTask):
+        return evaluate_classification(model, task, examples, batch_size, device)
+    return evaluate_lm(model, task, examples, batch_size, device)

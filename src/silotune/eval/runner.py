@@ -1,0 +1,29 @@
+"""Evaluate a job's base model, optionally with a saved adapter, on one split (`silotune eval`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from silotune.adapters.peft_adapters import load_adapter
+from silotune.config import JobConfig
+from silotune.data.registry import load_splits
+from silotune.data.tasks import make_task
+from silotune.errors import ConfigError
+from silotune.eval.evaluate import evaluate
+from silotune.models.loading import load_model
+
+
+def evaluate_job(cfg: JobConfig, adapter_dir: Path | None, split: str = "test") -> dict[str, float]:
+    """Scores of the base model (+ adapter) on `split` with the job's task and data."""
+    if split not in ("validation", "test"):
+        raise ConfigError(f"--split must be validation or test, got '{split}'")
+    loaded = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype, seed=cfg.train.seed)
+    splits = load_splits(cfg.data, seed=cfg.train.seed)
+    task = make_task(
+        loaded.tokenizer, cfg.data.task, splits.labels, splits.prompt_template, cfg.data.max_length
+    )
+    model = loaded.model
+    if adapter_dir is not None:
+        model = load_adapter(model, adapter_dir).to(loaded.device)
+    examples = splits.validation if split == "validation" else splits.test
+    return evaluate(model, task, examples, cfg.train.eval_batch_size, loaded.device)

@@ -1,0 +1,1 @@
+"""Training: the shared local-step loop and the centralized reference trainer."""
