@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import tenseal as ts
+from numpy.typing import ArrayLike, NDArray
 
 from silotune.crypto.exceptions import AuthenticationError, CryptoError, KeyMaterialError
 from silotune.crypto.fixedpoint import FixedPointCodec
@@ -350,7 +351,7 @@ def _chunk_slots(params: CkksParams, n_values: int) -> list[int]:
 
 
 def encrypt_update(
-    keys: CkksKeys, vector: np.ndarray, weight: float, *, compress: bool = True
+    keys: CkksKeys, vector: ArrayLike, weight: float, *, compress: bool = True
 ) -> bytes:
     """Silo: encrypt ``weight * vector`` (clipped, quantised, two values per slot).
 
@@ -432,7 +433,7 @@ def aggregate(
     return _frame(keys, n_values, n_terms, out, compress)
 
 
-def decrypt_aggregate(keys: CkksKeys, data: bytes, length: int) -> np.ndarray:
+def decrypt_aggregate(keys: CkksKeys, data: bytes, length: int) -> NDArray[np.float32]:
     """Silo: decrypt an aggregate and decode the (weighted) float sum.
 
     Parameters
@@ -490,7 +491,7 @@ def fedshield_baseline_context() -> ts.Context:
     return context
 
 
-def fedshield_encrypt(context: ts.Context, tensors: Sequence[np.ndarray]) -> list[bytes]:
+def fedshield_encrypt(context: ts.Context, tensors: Sequence[ArrayLike]) -> list[bytes]:
     """BASELINE: one CKKS vector per flattened tensor, public-key encryption, no weighting."""
     return [
         ts.ckks_vector(context, np.asarray(t).reshape(-1).tolist()).serialize() for t in tensors
@@ -509,7 +510,9 @@ def fedshield_aggregate(context: ts.Context, per_silo: Sequence[Sequence[bytes]]
     return out
 
 
-def fedshield_decrypt(context: ts.Context, ciphertexts: Sequence[bytes]) -> list[np.ndarray]:
+def fedshield_decrypt(
+    context: ts.Context, ciphertexts: Sequence[bytes]
+) -> list[NDArray[np.float32]]:
     """BASELINE: decrypt each aggregated tensor with the (server-held) secret key."""
     return [
         np.asarray(ts.ckks_vector_from(context, c).decrypt(), dtype=np.float32) for c in ciphertexts

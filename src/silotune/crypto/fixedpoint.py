@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 __all__ = ["FixedPointCodec"]
 
@@ -71,7 +73,7 @@ class FixedPointCodec:
         k = self.n_silos if n_terms is None else n_terms
         return k * 0.5 / self.scale
 
-    def quantize(self, values: np.ndarray) -> np.ndarray:
+    def quantize(self, values: ArrayLike) -> NDArray[np.int64]:
         """Clip and round ``values`` to signed integers in ``[-max_q, max_q]`` (int64).
 
         Parameters
@@ -96,7 +98,7 @@ class FixedPointCodec:
         q = np.rint(np.clip(x, -self.clip, self.clip) * self.scale)
         return np.clip(q, -self.max_q, self.max_q).astype(np.int64)
 
-    def encode(self, values: np.ndarray) -> np.ndarray:
+    def encode(self, values: ArrayLike) -> NDArray[np.unsignedinteger[Any]]:
         """Encode values as ``bits``-bit residues (uint32 when ``bits == 32``, else uint64).
 
         Parameters
@@ -114,7 +116,7 @@ class FixedPointCodec:
             return q.astype(np.int32).view(np.uint32)
         return (q & ((1 << self.bits) - 1)).astype(np.uint64)
 
-    def lift(self, residues: np.ndarray) -> np.ndarray:
+    def lift(self, residues: ArrayLike) -> NDArray[np.int64]:
         """Map residues mod ``2**bits`` to their centred signed representatives (int64)."""
         r = np.asarray(residues)
         if r.dtype.kind not in "iu":
@@ -125,7 +127,7 @@ class FixedPointCodec:
         r = r.astype(np.int64) & ((1 << self.bits) - 1)
         return ((r + half) & ((1 << self.bits) - 1)) - half
 
-    def decode_sum(self, residues: np.ndarray, n_terms: int = 1) -> np.ndarray:
+    def decode_sum(self, residues: ArrayLike, n_terms: int = 1) -> NDArray[np.float32]:
         """Decode the modular sum of ``n_terms`` encoded vectors back to float32.
 
         Parameters

@@ -36,6 +36,7 @@ import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from numpy.typing import ArrayLike, NDArray
 
 from silotune.crypto import prg, shamir
 from silotune.crypto.exceptions import AuthenticationError, CryptoError, KeyMaterialError
@@ -238,7 +239,7 @@ class MaskingClient:
         self._stage = stage
         return self._config
 
-    def handle(self, stage: str, message: Any, update: np.ndarray | None = None) -> Any:
+    def handle(self, stage: str, message: Any, update: ArrayLike | None = None) -> Any:
         """Dispatch one incoming message by stage name and return the reply."""
         if stage == STAGE_SETUP:
             return self.setup(message)
@@ -295,7 +296,7 @@ class MaskingClient:
                 bundles[peer] = _pack(_KIND_BUNDLE, config.round_id, self.silo_id, body)
         return bundles
 
-    def masked_update(self, bundles: Mapping[int, bytes], update: np.ndarray) -> bytes:
+    def masked_update(self, bundles: Mapping[int, bytes], update: ArrayLike) -> bytes:
         """``STAGE_COLLECT_MASKED_VECTORS``: store peers' bundles; return the masked upload."""
         config = self._expect(STAGE_SHARE_KEYS, STAGE_COLLECT_MASKED_VECTORS)
         vec = np.asarray(update).reshape(-1)
@@ -406,7 +407,7 @@ class MaskingServer:
         self._u1: list[int] | None = None
         self._bundles: dict[int, dict[int, bytes]] = {}
         self._u2: list[int] | None = None
-        self._masked: dict[int, np.ndarray] = {}
+        self._masked: dict[int, NDArray[np.uint32]] = {}
         self._request: tuple[list[int], list[int]] | None = None
         self._reveals: dict[int, dict[tuple[int, int], bytes]] = {}
 
@@ -531,7 +532,7 @@ class MaskingServer:
             raise CryptoError(f"Reveal from silo {sender} misses requested shares.")
         self._reveals[sender] = got
 
-    def aggregate(self) -> np.ndarray:
+    def aggregate(self) -> NDArray[np.float32]:
         """Remove all masks and decode the plain (weighted) sum of the survivors' updates.
 
         Returns

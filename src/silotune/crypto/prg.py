@@ -8,6 +8,7 @@ import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from numpy.typing import NDArray
 
 from silotune.crypto.exceptions import KeyMaterialError
 
@@ -84,7 +85,9 @@ def expand_bytes(
     return encryptor.update(bytes(n_bytes)) + encryptor.finalize()
 
 
-def expand(seed: bytes, n: int, *, label: bytes, round_id: int = 0, index: int = 0) -> np.ndarray:
+def expand(
+    seed: bytes, n: int, *, label: bytes, round_id: int = 0, index: int = 0
+) -> NDArray[np.uint32]:
     """Expand a seed into ``n`` uniformly distributed uint32 values.
 
     Parameters
