@@ -20,11 +20,11 @@ only additions and BFV gives twice the slots of CKKS per ciphertext with exact i
 * Framing: one TenSEAL BFV vector per 4096 slots (no TenSEAL split warnings), a versioned header
   with key id, length and term count, and the body Huffman-coded by zlib (SEAL spends 8 bytes on
   each 60-bit coefficient); ``compress=False`` skips that step.
-* Measured, 4,194,304 parameters x 4 silos, 2 shared CPU cores: **7.94 bytes per parameter**
-  (8.02 uncompressed) against 80.9 for FedShield-LLM's CKKS (N = 8192, [60, 40, 40, 60], 2**40,
-  one vector per tensor); encryption ~1.0-1.2 s per silo against ~10.3 s (about 9x faster);
-  aggregation 1.2 s (0.3 s uncompressed) against 5.1 s; decryption 0.4 s against 2.1 s; max error
-  1.5e-5 on a weighted sum of values with ``|x| <= 0.05``.
+* Measured, 4,194,304 parameters x 4 silos, one run on 2 shared CPU cores: **7.94 bytes per
+  parameter** (8.02 uncompressed) against 80.9 for FedShield-LLM's CKKS (N = 8192,
+  [60, 40, 40, 60], 2**40, one vector per tensor); encryption 1.16 s per silo (0.58 s
+  uncompressed) against 6.07 s, i.e. 5x (10x); aggregation 0.73 s (0.19 s) against 3.76 s;
+  decryption 0.28 s against 1.22 s; max error 1.5e-5 on a weighted sum of values ``|x| <= 0.05``.
 
 Security properties: the key leader's :meth:`CkksKeys.serialize_secret` bytes go to the other silos
 encrypted end to end by the caller; the coordinator receives :meth:`CkksKeys.serialize_public`,
