@@ -68,12 +68,12 @@ def train(
     overwrite: Annotated[bool, typer.Option(help="Replace a run already in output_dir.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Train a job (mode: centralized)."""
+    """Train a job in the mode its config names (centralized, federated, split)."""
     from silotune.config import load_config
-    from silotune.train.trainer import train_centralized
+    from silotune.train.dispatch import run_job
 
     cfg = load_config(config, set_)
-    summary = train_centralized(cfg, resume=resume, overwrite=overwrite, progress=progress)
+    summary = run_job(cfg, resume=resume, overwrite=overwrite, progress=progress)
     _print_scores("test", summary["test"])
     console.print(f"adapter saved to {summary['adapter']} (PEFT format)")
 
@@ -185,7 +185,7 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except SilotuneError as err:
-        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except click.ClickException as err:
         err.show()

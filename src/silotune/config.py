@@ -10,6 +10,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from silotune.errors import ConfigError
+from silotune.federated.config import FederationConfig
+from silotune.split.config import SplitConfig
 
 
 class _Strict(BaseModel):
@@ -93,14 +95,16 @@ class TrainConfig(_Strict):
 class JobConfig(_Strict):
     """A silotune job. `mode` chooses how it runs; the other sections say what it trains."""
 
-    mode: Literal["centralized"] = Field(
-        "centralized", description="centralized (federated and split arrive with their modes)"
+    mode: Literal["centralized", "federated", "split"] = Field(
+        "centralized", description="centralized reference, federated (Flower), or split (U-shaped)"
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output_dir: Path = Field(Path("runs/job"), description="where checkpoints and metrics go")
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
 
     @field_validator("model", mode="before")
     @classmethod

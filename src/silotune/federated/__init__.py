@@ -1,0 +1,1 @@
+"""Federated fine-tuning: Flower ServerApp/ClientApp, strategies and secure-aggregation stages."""

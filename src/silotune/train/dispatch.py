@@ -1,0 +1,19 @@
+"""Run a job in the mode its config names; each mode lives in its own package."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from silotune.config import JobConfig
+from silotune.errors import ConfigError
+
+
+def run_job(
+    cfg: JobConfig, resume: bool = False, overwrite: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Train `cfg`; returns the run summary (also written to `output_dir/summary.json`)."""
+    if cfg.mode == "centralized":
+        from silotune.train.trainer import train_centralized
+
+        return train_centralized(cfg, resume=resume, overwrite=overwrite, progress=progress)
+    raise ConfigError(f"mode '{cfg.mode}' is not available in this build (available: centralized)")
