@@ -175,6 +175,9 @@ def bench(
     run_benchmark(name, quick, Console())
 
 
+# Mode packages register their own commands here (one line each).
+
+
 def _print_scores(split: str, scores: dict[str, float]) -> None:
     shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k != "examples")
     console.print(f"{split}: {shown}")

@@ -1,0 +1,29 @@
+"""Benchmarks (`silotune bench NAME`): each compares against a baseline in the same run, prints a
+table, then one JSON object as its last line."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from typing import Any
+
+from rich.console import Console
+
+from silotune.errors import ConfigError
+
+# name -> (description, module). Each module defines `run(quick: bool, console: Console) -> dict`
+# that prints its table and returns the JSON object; the JSON line is printed here, last.
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "finetune": ("LoRA fine-tuning vs the untuned model (smollm2-135m on fortunes)", "silotune.bench.finetune"),
+}
+
+
+def run_benchmark(name: str, quick: bool, console: Console) -> dict[str, Any]:
+    """Run benchmark `name`; its JSON result is the last line on stdout."""
+    if name not in BENCHMARKS:
+        raise ConfigError(f"unknown benchmark '{name}' (available: {', '.join(BENCHMARKS)})")
+    module = importlib.import_module(BENCHMARKS[name][1])
+    result: dict[str, Any] = module.run(quick=quick, console=console)
+    console.file.flush()
+    print(json.dumps(result), flush=True)  # noqa: T201 - the machine-readable last line
+    return result
