@@ -147,6 +147,8 @@ def _describe(err: ValidationError) -> str:
     message = first["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
+    if not loc:  # a cross-field check; its message names the fields itself
+        return f"invalid config: {message}"
     given = first.get("input")
     shown = "" if isinstance(given, dict) else f" (got {given!r})"
     more = len(err.errors()) - 1
@@ -165,6 +167,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
+        value = raw
+    if isinstance(value, dict) and not raw.lstrip().startswith("{"):
+        # "Q: {text}" reads as a YAML block mapping; on a command line it means the string.
+        # A section is still settable with flow syntax: adapter={type: prefix}.
         value = raw
     return parts, value
 
@@ -200,10 +206,16 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -
 
 def load_config(path: Path, overrides: list[str] | None = None) -> JobConfig:
     """Read a YAML recipe and validate it."""
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {err.start})") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
