@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny Hugging Face model folders per architecture and a fast job-config factory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from silotune.config import JobConfig, config_from_dict
+from silotune.models.presets import tiny_llama_tokenizer
+
+TINY_ARCHS = ("llama", "qwen2", "mistral", "gpt2")
+
+
+def build_tiny_arch(arch: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
+    """A 2-layer, hidden-64 causal LM of `arch` with seeded weights."""
+    decoder = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+    )
+    configs = {
+        "llama": lambda: LlamaForCausalLM(LlamaConfig(**decoder)),
+        "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**decoder)),
+        "mistral": lambda: MistralForCausalLM(MistralConfig(**decoder)),
+        "gpt2": lambda: GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=vocab_size,
+                n_embd=64,
+                n_layer=2,
+                n_head=4,
+                n_positions=128,
+                bos_token_id=0,
+                eos_token_id=0,
+                pad_token_id=1,
+            )
+        ),
+    }
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return configs[arch]().float().eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Factory: `tiny_hf_folder("qwen2")` -> a saved HF folder (weights + tiny-llama tokenizer)."""
+    made: dict[str, Path] = {}
+
+    def make(arch: str) -> Path:
+        if arch not in made:
+            folder = tmp_path_factory.mktemp(f"hf-{arch}")
+            tokenizer = tiny_llama_tokenizer()
+            build_tiny_arch(arch, len(tokenizer)).save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            made[arch] = folder
+        return made[arch]
+
+    return make
+
+
+FAST_JOB = {
+    "mode": "centralized",
+    "model": "tiny-llama",
+    "adapter": {"type": "lora", "r": 4},
+    "data": {"dataset": "fortunes-sample", "max_length": 64, "max_eval_examples": 8},
+    "train": {"max_steps": 4, "batch_size": 4, "lr": 5e-3, "eval_every": 2, "log_every": 1},
+}
+
+
+@pytest.fixture
+def make_job(tmp_path: Path) -> Callable[..., JobConfig]:
+    """Factory: `make_job("train.max_steps=6", ...)` -> a fast JobConfig writing under tmp_path."""
+
+    def make(*overrides: str, output_dir: Path | None = None) -> JobConfig:
+        data = {**FAST_JOB, "output_dir": str(output_dir or tmp_path / "run")}
+        return config_from_dict(data, list(overrides))
+
+    return make
