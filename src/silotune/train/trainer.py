@@ -33,7 +33,9 @@ SUMMARY_FILE = "summary.json"
 ADAPTER_DIR = "adapter"
 RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, ADAPTER_DIR, "checkpoints")
 # Keys that may change between a run and its resumption (they do not change what is computed).
+# train.max_steps only with a constant schedule: linear and cosine decay depend on it.
 RESUMABLE_CHANGES = {
+    "output_dir",
     "train.max_steps",
     "train.eval_every",
     "train.log_every",
@@ -93,6 +95,14 @@ def prepare_output_dir(cfg: JobConfig, resume: bool, overwrite: bool) -> None:
                 f"--resume: the config differs from the run in {out} at {', '.join(changed)}; "
                 f"only {', '.join(sorted(RESUMABLE_CHANGES))} may change"
             )
+        if (
+            saved.get("train.max_steps") != now["train.max_steps"]
+            and cfg.train.scheduler != "constant"
+        ):
+            raise ConfigError(
+                f"--resume: train.max_steps cannot change with the {cfg.train.scheduler} scheduler "
+                "(its learning rates depend on max_steps); start a new run instead"
+            )
         return
     if has_run and not overwrite:
         state = (
@@ -110,16 +120,27 @@ def prepare_output_dir(cfg: JobConfig, resume: bool, overwrite: bool) -> None:
 
 
 class MetricsLog:
-    """Append-only JSONL metrics; on resume, lines past the checkpoint's step are dropped."""
+    """Append-only JSONL metrics.
+
+    On resume, records past the checkpoint's step are dropped, and so are test records (they
+    belong to the end of a run; the resumed run writes its own) and a line torn by a crash.
+    """
 
     def __init__(self, path: Path, keep_until_step: int | None = None) -> None:
         self.path = path
         if keep_until_step is not None and path.exists():
-            kept = [
-                line
-                for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= keep_until_step
-            ]
+            kept = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if (
+                    isinstance(record, dict)
+                    and record.get("step", 0) <= keep_until_step
+                    and record.get("split") != "test"
+                ):
+                    kept.append(line)
             path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
@@ -146,9 +167,26 @@ def train_centralized(
     progress: bool = True,
     on_eval: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
-    """Train `cfg` in one process; returns the summary also written to `summary.json`."""
+    """Train `cfg` in one process; returns the summary also written to `summary.json`.
+
+    The global torch RNG (LoRA dropout) is seeded with `train.seed` (restored from the checkpoint
+    on resume) inside a fork, so the caller's RNG state is left as it was.
+    """
     prepare_output_dir(cfg, resume, overwrite)
     job = build_job(cfg)
+    cuda = [job.device.index or 0] if job.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(cfg.train.seed)
+        return _train(cfg, job, resume, progress, on_eval)
+
+
+def _train(
+    cfg: JobConfig,
+    job: Job,
+    resume: bool,
+    progress: bool,
+    on_eval: Callable[[int, dict[str, float]], None] | None,
+) -> dict[str, Any]:
     t = cfg.train
     optimizer = make_optimizer(job.model, t)
     scheduler = make_scheduler(optimizer, t)
@@ -157,6 +195,10 @@ def train_centralized(
         ckpt = latest_checkpoint(cfg.output_dir)
         assert ckpt is not None  # checked in prepare_output_dir
         start = load_checkpoint(ckpt, job.model, optimizer, scheduler)["step"]
+        if start > t.max_steps:
+            raise ConfigError(
+                f"--resume: the checkpoint is at step {start}, past train.max_steps {t.max_steps}"
+            )
         log.info("Resuming from %s (step %d)", ckpt, start)
     metrics = MetricsLog(cfg.output_dir / METRICS_FILE, keep_until_step=start if resume else None)
     clock = time.perf_counter()
