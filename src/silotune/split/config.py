@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Strict(BaseModel):
@@ -26,3 +27,29 @@ class SplitConfig(_Strict):
     )
     noise_sigma: float = Field(0.0, ge=0, description="Gaussian noise std on activations/gradients")
     address: str = Field("127.0.0.1:50051", description="trunk server address (serve/join)")
+    trunk_adapter: bool = Field(
+        True,
+        description="the coordinator trains LoRA on the trunk blocks (else the trunk is frozen)",
+    )
+    keys_dir: Path | None = Field(
+        None,
+        description="identity keys (serve/join): coordinator.key + enrollment.json on the "
+        "coordinator, <silo_name>.key + coordinator.pub on a silo; `train` makes throwaway ones",
+    )
+    tls_dir: Path | None = Field(
+        None,
+        description="TLS files (serve/join): ca.pem, server.pem, server.key on the coordinator, "
+        "ca.pem on a silo; `train` makes throwaway ones",
+    )
+    silo_name: str = Field("silo-0", description="this silo's enrolled name (join)")
+    timeout_s: float = Field(
+        300.0, gt=0, description="seconds to wait for a peer's frame or for the other silos"
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be host:port with a port from 1 to 65535")
+        return value

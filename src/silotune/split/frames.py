@@ -47,7 +47,12 @@ KIND_FORWARD = "forward"  # activations, silo -> trunk (and trunk outputs, trunk
 KIND_BACKWARD = "backward"  # gradients, trunk -> silo (and tail gradients, silo -> trunk)
 KIND_ERROR = "error"  # the peer gives up on this step; ``meta["message"]`` says why
 KIND_BYE = "bye"  # orderly end of a session
-KINDS = frozenset({KIND_FORWARD, KIND_BACKWARD, KIND_ERROR, KIND_BYE})
+KIND_JOIN = "join"  # a silo announces itself (meta: examples, steps) before its first step
+KIND_COMMIT = "commit"  # a silo ends an optimizer step (meta: gradient clipping coefficient)
+KIND_SYNC = "sync"  # adapter tensors for averaging across silos, and the averaged reply
+KINDS = frozenset(
+    {KIND_FORWARD, KIND_BACKWARD, KIND_ERROR, KIND_BYE, KIND_JOIN, KIND_COMMIT, KIND_SYNC}
+)
 
 # Frame-header dtype name -> (torch dtype, safetensors dtype tag, bytes per element).
 DTYPES: dict[str, tuple[torch.dtype, str, int]] = {

@@ -1,0 +1,173 @@
+"""Build the silo's and the coordinator's halves of a split model and move adapter tensors in and out.
+
+Both sides load the same base model and attach the same seeded adapter (so the adapter starts
+where the centralized trainer's would), then cut it with :func:`~silotune.models.slicing.split_model`.
+Each side then drops the blocks it does not run: the silo keeps embeddings, head and tail, the
+coordinator keeps the trunk. Adapter tensors travel under their PEFT names
+(``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight``), so a silo's tensors plus the
+coordinator's form a complete PEFT adapter.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from safetensors.torch import save_file
+from torch import nn
+
+from silotune.adapters.peft_adapters import ADAPTER_WEIGHTS, attach_adapter
+from silotune.config import JobConfig
+from silotune.errors import ConfigError
+from silotune.models.loading import LoadedModel, load_model
+from silotune.models.slicing import SplitPart, SplitParts, split_model
+
+__all__ = [
+    "ModelHalf",
+    "PartState",
+    "build_half",
+    "check_split_config",
+    "save_full_adapter",
+]
+
+
+class _Absent(nn.Module):
+    """Stands in for a block this side does not run (keeps the other blocks' indices and names)."""
+
+    def forward(self, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("this block runs on the other side of the split")
+
+
+def check_split_config(cfg: JobConfig) -> None:
+    """Reject what split training does not support, with one sentence naming the key."""
+    if cfg.adapter.type != "lora":
+        raise ConfigError(
+            f"mode split trains LoRA adapters only (adapter.type: lora), got '{cfg.adapter.type}'"
+        )
+    if cfg.data.task != "classification":
+        raise ConfigError(
+            f"mode split supports data.task classification only, got '{cfg.data.task}'"
+        )
+
+
+class PartState:
+    """Read and write the trainable tensors of split parts under their PEFT names.
+
+    Parameters
+    ----------
+    model
+        The PEFT model the parts were cut from.
+    parts
+        The parts whose trainable parameters this object covers.
+    """
+
+    def __init__(self, model: PeftModel, parts: list[nn.Module]) -> None:
+        full = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+        adapter = f".{model.active_adapter}."
+        self.names: list[tuple[int, str, str]] = []  # (part index, local name, PEFT name)
+        for index, part in enumerate(parts):
+            for local, param in part.named_parameters():
+                if id(param) in full:
+                    peft_name = full[id(param)].replace(adapter, ".")
+                    self.names.append((index, local, peft_name))
+
+    def get(self, parts: list[nn.Module]) -> dict[str, torch.Tensor]:
+        """Detached CPU copies of the parts' trainable tensors, by PEFT name."""
+        params = [dict(part.named_parameters()) for part in parts]
+        return {peft: params[i][local].detach().cpu().clone() for i, local, peft in self.names}
+
+    def set(self, parts: list[nn.Module], state: Mapping[str, torch.Tensor]) -> None:
+        """Copy ``state`` (PEFT names) into the parts; every covered name must be present."""
+        params = [dict(part.named_parameters()) for part in parts]
+        missing = [peft for _, _, peft in self.names if peft not in state]
+        if missing:
+            raise ValueError(f"adapter state lacks {len(missing)} tensors, e.g. {missing[0]}")
+        with torch.no_grad():
+            for i, local, peft in self.names:
+                target = params[i][local]
+                source = state[peft]
+                if source.shape != target.shape:
+                    raise ValueError(
+                        f"adapter tensor {peft} has shape {tuple(source.shape)}, expected "
+                        f"{tuple(target.shape)}"
+                    )
+                target.copy_(source.to(device=target.device, dtype=target.dtype))
+
+
+@dataclass
+class ModelHalf:
+    """One side's model: the PEFT model (other side's blocks dropped), its parts, its loader."""
+
+    model: PeftModel
+    parts: SplitParts
+    loaded: LoadedModel
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the activations that cross the split."""
+        return int(self.model.config.hidden_size)
+
+
+def _blocks(model: PeftModel) -> nn.ModuleList:
+    base = model.get_base_model()
+    decoder = getattr(base, "model", None) or getattr(base, "transformer", None)
+    blocks = getattr(decoder, "layers", None)
+    if blocks is None:
+        blocks = decoder.h  # GPT-2
+    return blocks
+
+
+def _drop(model: PeftModel, parts: list[SplitPart]) -> None:
+    """Replace the blocks of ``parts`` with placeholders so their weights can be freed."""
+    blocks = _blocks(model)
+    for part in parts:
+        for index in part.layer_indices:
+            blocks[index] = _Absent()
+        for key in list(part.blocks.keys()):
+            part.blocks[key] = _Absent()
+    gc.collect()
+
+
+def build_half(cfg: JobConfig, side: str) -> ModelHalf:
+    """Load the base model, attach the seeded adapter, split it, and keep ``side``'s blocks.
+
+    Parameters
+    ----------
+    cfg
+        The job; ``split.head_layers``/``tail_layers`` choose the cut.
+    side
+        ``"silo"`` (embeddings, head, tail, final norm, LM head) or ``"trunk"`` (middle blocks).
+    """
+    if side not in ("silo", "trunk"):
+        raise ValueError(f"side must be 'silo' or 'trunk', got {side!r}")
+    check_split_config(cfg)
+    loaded = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype, seed=cfg.train.seed)
+    model = attach_adapter(loaded.model, cfg.adapter, seed=cfg.train.seed)
+    parts = split_model(model, cfg.split.head_layers, cfg.split.tail_layers)
+    if side == "silo":
+        _drop(model, [parts.trunk])
+    else:
+        _drop(model, [parts.head, parts.tail])
+        if not cfg.split.trunk_adapter:
+            for param in parts.trunk.parameters():
+                param.requires_grad_(False)
+    return ModelHalf(model=model, parts=parts, loaded=loaded)
+
+
+def save_full_adapter(model: PeftModel, state: Mapping[str, torch.Tensor], out_dir: Path) -> None:
+    """Write a complete PEFT adapter: ``model``'s adapter config and all tensors in ``state``.
+
+    ``state`` holds the silo's and the coordinator's tensors together; the folder then loads with
+    ``PeftModel.from_pretrained(base_model, out_dir)`` on the whole base model.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)  # writes adapter_config.json
+    tensors = {name: t.detach().cpu().contiguous() for name, t in state.items()}
+    save_file(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    config_path = out_dir / "adapter_config.json"
+    json.loads(config_path.read_text(encoding="utf-8"))  # fail here, not at load time

@@ -1,0 +1,228 @@
+"""The coordinator's trunk service: one authenticated session per silo, frames in, trunk calls out.
+
+Per connection (one thread each): the handshake (only enrolled silos get past it), a ``join`` frame,
+then a loop over the silo's frames until ``bye``:
+
+=========  ====================================  =========================================
+frame in   tensors / meta                        answer
+=========  ====================================  =========================================
+join       meta ``examples``                     (none; waits for ``split.silos`` silos)
+forward    ``hidden (B,T,C)``, ``mask (B,T)``;   forward ``hidden (B,T,C)``
+           meta ``train`` (false = validation)
+backward   ``grad (B,T,C)``; meta ``last``       backward ``grad (B,T,C)``; meta ``trunk_sq``
+commit     meta ``coef`` (clipping factor)       (none)
+sync       the silo's adapter; meta ``examples`` sync: the average over live silos
+bye        (none)                                bye: the trunk adapter
+=========  ====================================  =========================================
+
+A frame that fails authentication, replays, arrives out of order or breaks the limits ends that
+silo's session with a clear log line and an ``error`` frame; the other silos' sessions go on, and
+the half-done step of the silo that left never reaches the trunk adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from silotune.crypto.exceptions import CryptoError
+from silotune.crypto.identity import Enrollment, IdentityKey
+from silotune.split.engines import TrunkEngine
+from silotune.split.frames import (
+    KIND_BACKWARD,
+    KIND_BYE,
+    KIND_COMMIT,
+    KIND_FORWARD,
+    KIND_JOIN,
+    KIND_SYNC,
+    Frame,
+    FrameError,
+)
+from silotune.split.session import FrameSession, SplitError, accept_session
+from silotune.transport.base import Connection, ConnectionClosed, TransportError
+
+__all__ = ["SessionRecord", "TrunkService", "check_activation"]
+
+log = logging.getLogger(__name__)
+
+MAX_ROWS = 4096  # most sequences one forward frame may carry
+
+
+def check_activation(frame: Frame, hidden_size: int, max_tokens: int) -> tuple[torch.Tensor, ...]:
+    """Return ``(hidden (B,T,C), mask (B,T))`` of a forward frame, or raise FrameError."""
+    if set(frame.tensors) != {"hidden", "mask"}:
+        raise FrameError(
+            f"a forward frame must carry exactly 'hidden' and 'mask', got {sorted(frame.tensors)}"
+        )
+    hidden, mask = frame.tensors["hidden"], frame.tensors["mask"]
+    if hidden.dim() != 3 or hidden.shape[-1] != hidden_size or not hidden.is_floating_point():
+        raise FrameError(
+            f"hidden has shape {tuple(hidden.shape)} and dtype {hidden.dtype}; it must be "
+            f"float (B, T, {hidden_size})"
+        )
+    rows, tokens = hidden.shape[:2]
+    if not 0 < rows <= MAX_ROWS or not 0 < tokens <= max_tokens:
+        raise FrameError(
+            f"hidden has {rows} rows of {tokens} tokens; allowed 1..{MAX_ROWS} rows of "
+            f"1..{max_tokens} tokens"
+        )
+    if mask.dtype != torch.int64 or tuple(mask.shape) != (rows, tokens):
+        raise FrameError(
+            f"mask must be int64 ({rows}, {tokens}), got {mask.dtype} {tuple(mask.shape)}"
+        )
+    if not bool(((mask == 0) | (mask == 1)).all()) or not bool(mask.any(dim=1).all()):
+        raise FrameError("mask must hold only 0 and 1, with at least one 1 per row")
+    if not bool(torch.isfinite(hidden).all()):
+        raise FrameError("hidden holds NaN or infinite values")
+    return hidden, mask
+
+
+def _check_grad(frame: Frame, hidden_size: int) -> torch.Tensor:
+    if set(frame.tensors) != {"grad"}:
+        raise FrameError(f"a backward frame must carry exactly 'grad', got {sorted(frame.tensors)}")
+    grad = frame.tensors["grad"]
+    if grad.dim() != 3 or grad.shape[-1] != hidden_size or not grad.is_floating_point():
+        raise FrameError(
+            f"grad has shape {tuple(grad.shape)}; it must be float (B, T, {hidden_size})"
+        )
+    if not bool(torch.isfinite(grad).all()):
+        raise FrameError("grad holds NaN or infinite values")
+    return grad
+
+
+def _number(meta: dict[str, Any], key: str, low: float, high: float) -> float:
+    value = meta.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise FrameError(f"frame meta '{key}' must be a finite number, got {value!r}")
+    if not low <= value <= high:
+        raise FrameError(f"frame meta '{key}' must be in [{low}, {high}], got {value}")
+    return float(value)
+
+
+@dataclass
+class SessionRecord:
+    """What happened to one silo's session (for logs, tests and the run summary)."""
+
+    silo: str
+    peer: str
+    outcome: str = "open"  # open, finished, refused, rejected, vanished, failed
+    detail: str = ""
+    steps: int = 0
+
+
+@dataclass
+class TrunkService:
+    """Serves the trunk to silos; pass :meth:`handle` to a transport server as its handler.
+
+    Parameters
+    ----------
+    engine
+        The trunk in the configured server mode.
+    identity
+        The coordinator's Ed25519 identity key (pinned by the silos).
+    enrollment
+        The silos allowed in.
+    hidden_size, max_tokens
+        Bounds for received activations.
+    expected_silos
+        Silos to wait for before the first step (``split.silos``).
+    activation_dtype
+        Wire dtype of the trunk's outputs and input gradients.
+    """
+
+    engine: TrunkEngine
+    identity: IdentityKey
+    enrollment: Enrollment
+    hidden_size: int
+    max_tokens: int
+    expected_silos: int
+    activation_dtype: str | None = None
+    records: list[SessionRecord] = field(default_factory=list)
+    finished: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def timeout(self) -> float:
+        return self.engine.roster.timeout
+
+    def handle(self, connection: Connection) -> None:
+        """Run one silo's session to its end; never raises for what the silo did."""
+        record = SessionRecord(silo="?", peer=connection.peer)
+        self.records.append(record)
+        try:
+            session = accept_session(connection, self.identity, self.enrollment, self.timeout)
+        except SplitError as exc:
+            record.outcome, record.detail = "refused", str(exc)
+            log.warning("%s", exc)
+            return
+        record.silo = session.peer_name
+        joined = False
+        try:
+            first = session.recv(self.timeout)
+            if first.kind != KIND_JOIN:
+                raise FrameError(f"the first frame must be 'join', got '{first.kind}'")
+            examples = int(_number(first.meta, "examples", 1, 2**40))
+            self.engine.roster.join(record.silo, examples)
+            joined = True
+            self.engine.add(record.silo)
+            log.info("Silo %s joined (%d examples).", record.silo, examples)
+            self.engine.roster.wait_for_quorum(self.expected_silos)
+            self._serve(session, record)
+        except (CryptoError, FrameError) as exc:
+            record.outcome = "rejected"
+            record.detail = f"rejected a frame from silo {record.silo!r}: {exc}"
+            log.error("%s; ending its session (the other silos go on).", record.detail)
+            session.send_error(record.detail)
+        except (ConnectionClosed, TransportError) as exc:
+            record.outcome, record.detail = "vanished", f"silo {record.silo!r} vanished: {exc}"
+            log.warning("%s; the other silos go on.", record.detail)
+        except SplitError as exc:
+            record.outcome, record.detail = "failed", str(exc)
+            log.error("Session of silo %s failed: %s", record.silo, exc)
+            session.send_error(str(exc))
+        finally:
+            if joined:
+                self.engine.drop(record.silo)
+                self.engine.roster.leave(record.silo)
+            self._maybe_finished()
+
+    def _maybe_finished(self) -> None:
+        roster = self.engine.roster
+        if roster.joined >= self.expected_silos and not roster.live:
+            self.finished.set()
+
+    def _serve(self, session: FrameSession, record: SessionRecord) -> None:
+        name, engine = record.silo, self.engine
+        wire = {"activation_dtype": self.activation_dtype}
+        while True:
+            frame = session.recv(self.timeout)
+            if frame.kind == KIND_FORWARD:
+                hidden, mask = check_activation(frame, self.hidden_size, self.max_tokens)
+                if frame.meta.get("train", True):
+                    out = engine.forward(name, hidden, mask)
+                else:
+                    out = engine.evaluate(name, hidden, mask)
+                session.send(KIND_FORWARD, frame.step, {"hidden": out}, **wire)
+            elif frame.kind == KIND_BACKWARD:
+                grad = _check_grad(frame, self.hidden_size)
+                grad_in, sq = engine.backward(name, grad, bool(frame.meta.get("last", False)))
+                meta = {"trunk_sq": sq}
+                session.send(KIND_BACKWARD, frame.step, {"grad": grad_in}, meta, **wire)
+            elif frame.kind == KIND_COMMIT:
+                engine.commit(name, _number(frame.meta, "coef", 0.0, 1.0))
+                record.steps += 1
+            elif frame.kind == KIND_SYNC:
+                examples = int(_number(frame.meta, "examples", 1, 2**40))
+                averaged = engine.sync(name, frame.tensors, examples)
+                session.send(KIND_SYNC, frame.step, averaged)
+            elif frame.kind == KIND_BYE:
+                session.send(KIND_BYE, frame.step, engine.finish(name))
+                record.outcome = "finished"
+                log.info("Silo %s finished after %d steps.", name, record.steps)
+                return
+            else:
+                raise FrameError(f"unexpected frame kind '{frame.kind}' during training")
