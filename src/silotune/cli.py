@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -49,6 +50,7 @@ def _setup_logging(verbose: bool) -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
     for name in ("transformers", "peft", "datasets", "httpx"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
@@ -176,6 +178,10 @@ def bench(
 
 
 # Mode packages register their own commands here (one line each).
+from silotune.split import cli as split_cli  # noqa: E402  (serve, join)
+
+app.command()(split_cli.serve)
+app.command()(split_cli.join)
 
 
 def _print_scores(split: str, scores: dict[str, float]) -> None:
