@@ -113,12 +113,18 @@ def demo(
 
 @app.command("config")
 def show_config(
-    config: Annotated[Path, typer.Argument(help="YAML job recipe.")],
+    config: Annotated[Path | None, typer.Argument(help="YAML job recipe.")] = None,
     set_: SetOption = None,
+    reference: Annotated[bool, typer.Option(help="Print every key as a Markdown table.")] = False,
 ) -> None:
-    """Validate a recipe and print it with every default filled in."""
-    from silotune.config import dump_config, load_config
+    """Validate a recipe and print it with every default filled in (or the key reference)."""
+    from silotune.config import dump_config, load_config, reference_markdown
 
+    if reference:
+        typer.echo(reference_markdown(), nl=False)
+        return
+    if config is None:
+        raise typer.BadParameter("give a CONFIG file, or --reference")
     typer.echo(dump_config(load_config(config, set_)), nl=False)
 
 
