@@ -16,4 +16,10 @@ def run_job(
         from silotune.train.trainer import train_centralized
 
         return train_centralized(cfg, resume=resume, overwrite=overwrite, progress=progress)
-    raise ConfigError(f"mode '{cfg.mode}' is not available in this build (available: centralized)")
+    if cfg.mode == "split":
+        from silotune.split.runner import train_split
+
+        return train_split(cfg, resume=resume, overwrite=overwrite, progress=progress)
+    raise ConfigError(
+        f"mode '{cfg.mode}' is not available in this build (available: centralized, split)"
+    )

@@ -1,0 +1,56 @@
+"""The `silotune serve` and `silotune join` commands (split mode across machines)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config key, e.g. --set split.address=0.0.0.0:50051."),
+]
+
+
+def serve(
+    config: Annotated[Path, typer.Argument(help="YAML job recipe with mode: split.")],
+    set_: SetOption = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a run already in output_dir.")] = False,
+) -> None:
+    """Run the coordinator's trunk server at split.address until every silo has finished."""
+    from silotune.config import load_config
+    from silotune.split.runner import serve as run_server
+
+    summary = run_server(load_config(config, set_), overwrite=overwrite)
+    Console(stderr=True).print(
+        f"trunk server done: {summary['trunk_steps']} trunk steps; trunk adapter saved to "
+        f"{summary['trunk_adapter']}"
+    )
+
+
+def join(
+    config: Annotated[Path, typer.Argument(help="YAML job recipe with mode: split.")],
+    silo: Annotated[
+        str | None, typer.Option(help="This silo's enrolled name (default: split.silo_name).")
+    ] = None,
+    shard: Annotated[
+        int | None,
+        typer.Option(
+            help="Train on IID part SHARD of split.silos parts (simulation); default all."
+        ),
+    ] = None,
+    set_: SetOption = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a run already in output_dir.")] = False,
+) -> None:
+    """Join a trunk server as a silo: train head and tail here, save the full adapter."""
+    from silotune.config import load_config
+    from silotune.split.runner import join as run_join
+
+    cfg = load_config(config, set_)
+    summary = run_join(cfg, silo or cfg.split.silo_name, shard=shard, overwrite=overwrite)
+    console = Console(stderr=True)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in summary["test"].items() if k != "examples")
+    console.print(f"test: {shown}")
+    console.print(f"adapter saved to {summary['adapter']} (PEFT format)")

@@ -1,0 +1,430 @@
+"""Run split training: a silo's loop, the coordinator's trunk service, and both wired over gRPC + TLS.
+
+* :func:`run_silo` trains one silo (head and tail) against a trunk server; ``silotune join``.
+* :func:`build_service` / :func:`serve` run the coordinator's trunk server; ``silotune serve``.
+* :func:`train_split` runs a whole job on one machine (``silotune train`` with ``mode: split``):
+  throwaway identity keys and TLS certificates, the coordinator in this process, each silo in its
+  own spawned process, all over gRPC + TLS on loopback; then the usual ``metrics.jsonl``,
+  ``summary.json`` and a complete PEFT adapter in ``output_dir/adapter``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import shutil
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from silotune.config import JobConfig, dump_config
+from silotune.data.partition import partition_iid
+from silotune.data.registry import DatasetSplits, load_splits
+from silotune.data.tasks import ClassificationTask, LanguageModelingTask, make_task
+from silotune.errors import ConfigError, SilotuneError
+from silotune.eval.evaluate import evaluate
+from silotune.split.engines import Roster, make_engine
+from silotune.split.keys import load_coordinator_keys, load_silo_keys, write_job_keys
+from silotune.split.parts import (
+    ModelHalf,
+    PartState,
+    build_half,
+    check_split_config,
+    save_full_adapter,
+)
+from silotune.split.session import FrameSession, SplitError, open_session
+from silotune.split.silo import CoordinatorAverager, SplitSilo, TrunkLink
+from silotune.split.trunk import TrunkService
+from silotune.train.loop import BatchStream, make_optimizer, make_scheduler, train_step
+from silotune.train.trainer import (
+    ADAPTER_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    MetricsLog,
+    prepare_output_dir,
+)
+from silotune.transport.grpc_stream import GrpcStreamServer, connect
+from silotune.transport.tls import generate_tls_material, load_tls_material
+
+__all__ = ["build_service", "join", "run_silo", "serve", "train_split"]
+
+log = logging.getLogger(__name__)
+
+SILOS_DIR = "silos"
+TRUNK_ADAPTER = "trunk_adapter.safetensors"
+
+
+# --------------------------------------------------------------------------- silo
+
+
+def run_silo(
+    cfg: JobConfig,
+    silo_name: str,
+    out_dir: Path,
+    *,
+    target: str | None = None,
+    shard: int | None = None,
+    evaluate_splits: bool = True,
+) -> dict[str, Any]:
+    """Train one silo against the trunk server at ``target`` (default ``split.address``).
+
+    Parameters
+    ----------
+    cfg
+        The job; ``split.keys_dir`` must hold ``<silo_name>.key`` and ``coordinator.pub``,
+        ``split.tls_dir`` the CA certificate ``ca.pem``.
+    silo_name
+        This silo's enrolled name.
+    out_dir
+        Where this silo writes ``metrics.jsonl``, ``summary.json`` and ``adapter/``.
+    shard
+        Train on IID part ``shard`` of ``split.silos`` parts of the training split (simulation);
+        ``None`` trains on all of it (a real silo's own data).
+    evaluate_splits
+        Evaluate on validation every ``train.eval_every`` steps and on test at the end.
+
+    Returns
+    -------
+    dict
+        The silo's summary (also written to ``out_dir/summary.json``).
+    """
+    check_split_config(cfg)
+    t, s = cfg.train, cfg.split
+    identity, coordinator = load_silo_keys(s.keys_dir, silo_name)
+    if s.tls_dir is None:
+        raise ConfigError("split.tls_dir is not set; a silo needs the CA certificate ca.pem")
+    tls = load_tls_material(s.tls_dir, role="client")
+    half = build_half(cfg, "silo")
+    splits = load_splits(cfg.data, seed=t.seed)
+    tokenizer = half.loaded.tokenizer
+    task = make_task(
+        tokenizer, cfg.data.task, splits.labels, splits.prompt_template, cfg.data.max_length
+    )
+    train = splits.train
+    if shard is not None:
+        if not 0 <= shard < s.silos:
+            raise ConfigError(f"shard {shard} is out of range 0..{s.silos - 1} (split.silos)")
+        train = [train[i] for i in partition_iid(len(train), s.silos, t.seed)[shard]]
+    stream = BatchStream(
+        [task.encode(ex) for ex in train], t.batch_size, t.seed, tokenizer.pad_token_id
+    )
+    device = half.loaded.device
+
+    connection = connect(target or s.address, tls=tls, client_id=silo_name, timeout=s.timeout_s)
+    session = open_session(connection, identity, coordinator, timeout=s.timeout_s)
+    try:
+        return _train_silo(
+            cfg, half, session, stream, task, splits, device, out_dir, evaluate_splits
+        )
+    finally:
+        session.close()
+
+
+def _train_silo(
+    cfg: JobConfig,
+    half: ModelHalf,
+    session: FrameSession,
+    stream: BatchStream,
+    task: ClassificationTask | LanguageModelingTask,
+    splits: DatasetSplits,
+    device: torch.device,
+    out_dir: Path,
+    evaluate_splits: bool,
+) -> dict[str, Any]:
+    """The silo's training loop over an open session (see :func:`run_silo`)."""
+    t, s = cfg.train, cfg.split
+    link = TrunkLink(
+        session, t.grad_accum, s.activation_dtype, s.noise_sigma, t.seed, timeout=s.timeout_s
+    )
+    model = SplitSilo(half.parts.head, half.parts.tail, link).to(device)
+    names = PartState(half.model, [half.parts.head, half.parts.tail])
+    averager = CoordinatorAverager(link)
+    examples = len(stream.examples)
+    link.join(examples)
+    optimizer = make_optimizer(model, t)
+    optimizer.register_step_pre_hook(link.commit)
+    scheduler = make_scheduler(optimizer, t)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLog(out_dir / METRICS_FILE)
+    clock = time.perf_counter()
+    for step in range(t.max_steps):
+        bytes_before = session.stats.total_bytes
+        out = train_step(model, stream, step, optimizer, scheduler, t, device, loss_fn=model.loss)
+        done = step + 1
+        if done % s.sync_every == 0 or done == t.max_steps:
+            parts = [half.parts.head, half.parts.tail]
+            names.set(parts, averager.average(done, names.get(parts), examples))
+        if done % t.log_every == 0 or done == t.max_steps:
+            metrics.write(
+                {
+                    "step": done,
+                    "split": "train",
+                    "loss": out.loss,
+                    "lr": out.lr,
+                    "grad_norm": out.grad_norm,
+                    "elapsed_s": time.perf_counter() - clock,
+                    "wire_bytes": session.stats.total_bytes - bytes_before,
+                }
+            )
+        if evaluate_splits and (done % t.eval_every == 0 or done == t.max_steps):
+            scores = evaluate(model, task, splits.validation, t.eval_batch_size, device)
+            metrics.write({"step": done, "split": "validation", **scores})
+    train_s = time.perf_counter() - clock
+    test = evaluate(model, task, splits.test, t.eval_batch_size, device) if evaluate_splits else {}
+    trunk_state = link.finish()
+    state = names.get([half.parts.head, half.parts.tail])
+    state.update(trunk_state)
+    save_full_adapter(half.model, state, out_dir / ADAPTER_DIR)
+    if test:
+        metrics.write({"step": t.max_steps, "split": "test", **test})
+    summary = {
+        "mode": "split",
+        "steps": t.max_steps,
+        "train_seconds": train_s,
+        "examples": examples,
+        "wire_bytes": session.stats.total_bytes,
+        "wire_bytes_per_step": session.stats.total_bytes / t.max_steps,
+        "test": test,
+        "adapter": str(out_dir / ADAPTER_DIR),
+    }
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary
+
+
+# --------------------------------------------------------------------------- coordinator
+
+
+def build_service(cfg: JobConfig, identity: Any, enrollment: Any) -> TrunkService:
+    """The coordinator's trunk (in ``split.server_mode``) behind a :class:`TrunkService`."""
+    half = build_half(cfg, "trunk")
+    trunk = half.parts.trunk
+    param = next(trunk.parameters())
+    engine = make_engine(
+        cfg.split.server_mode,
+        trunk,
+        PartState(half.model, [trunk]),
+        cfg.train,
+        Roster(cfg.split.timeout_s),
+        param.device,
+        param.dtype,
+    )
+    max_tokens = int(getattr(half.model.config, "max_position_embeddings", 0) or 0)
+    max_tokens = max_tokens or int(getattr(half.model.config, "n_positions", 4096))
+    dtype = None if cfg.split.activation_dtype == "float32" else cfg.split.activation_dtype
+    return TrunkService(
+        engine, identity, enrollment, half.hidden_size, max_tokens, cfg.split.silos, dtype
+    )
+
+
+def serve(cfg: JobConfig, overwrite: bool = False) -> dict[str, Any]:
+    """Run the trunk server at ``split.address`` until every silo has said goodbye."""
+    check_split_config(cfg)
+    identity, enrollment = load_coordinator_keys(cfg.split.keys_dir)
+    if cfg.split.tls_dir is None:
+        raise ConfigError(
+            "split.tls_dir is not set; the coordinator needs ca.pem, server.pem, server.key"
+        )
+    tls = load_tls_material(cfg.split.tls_dir, role="server")
+    prepare_output_dir(cfg, resume=False, overwrite=overwrite)
+    service = build_service(cfg, identity, enrollment)
+    server = GrpcStreamServer(
+        service.handle, cfg.split.address, tls=tls, max_connections=cfg.split.silos + 8
+    )
+    server.start()
+    log.info(
+        "Trunk server (%s) on %s; waiting for %d silo(s) of %s.",
+        cfg.split.server_mode,
+        cfg.split.address,
+        cfg.split.silos,
+        ", ".join(enrollment.names()),
+    )
+    clock = time.perf_counter()
+    try:
+        service.finished.wait()
+    finally:
+        server.stop(grace=1.0)
+    return _coordinator_summary(cfg, service, time.perf_counter() - clock)
+
+
+def _coordinator_summary(cfg: JobConfig, service: TrunkService, seconds: float) -> dict[str, Any]:
+    from safetensors.torch import save_file
+
+    out = cfg.output_dir
+    save_file(service.engine.trunk_state(), out / TRUNK_ADAPTER, metadata={"format": "pt"})
+    summary = {
+        "mode": "split",
+        "role": "coordinator",
+        "server_mode": cfg.split.server_mode,
+        "seconds": seconds,
+        "trunk_steps": service.engine.commits,
+        "trunk_adapter": str(out / TRUNK_ADAPTER),
+        "sessions": [vars(r) for r in service.records],
+    }
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary
+
+
+# --------------------------------------------------------------------------- one machine
+
+
+def _silo_process(
+    cfg_data: dict[str, Any],
+    name: str,
+    shard: int,
+    target: str,
+    out_dir: str,
+    evaluate_splits: bool,
+    threads: int,
+) -> None:
+    """Entry point of a spawned silo process; failures go to ``out_dir/error.txt``."""
+    from silotune.config import config_from_dict
+
+    torch.set_num_threads(threads)
+    out = Path(out_dir)
+    try:
+        cfg = config_from_dict(cfg_data)
+        run_silo(cfg, name, out, target=target, shard=shard, evaluate_splits=evaluate_splits)
+    except BaseException as exc:
+        out.mkdir(parents=True, exist_ok=True)
+        message = str(exc) if isinstance(exc, SilotuneError) else traceback.format_exc()
+        (out / "error.txt").write_text(message, encoding="utf-8")
+        raise SystemExit(1) from None
+
+
+def silo_names(count: int) -> list[str]:
+    """Names of the silos a one-machine job enrolls."""
+    return [f"silo-{i}" for i in range(count)]
+
+
+def train_split(
+    cfg: JobConfig, resume: bool = False, overwrite: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Run a split job on this machine: coordinator here, one process per silo, gRPC + TLS."""
+    check_split_config(cfg)
+    if resume:
+        raise ConfigError("--resume is not available in mode split; start the run again")
+    prepare_output_dir(cfg, resume=False, overwrite=overwrite)
+    out = cfg.output_dir
+    names = silo_names(cfg.split.silos)
+    threads = max(1, torch.get_num_threads() // (cfg.split.silos + 1))
+    with tempfile.TemporaryDirectory(prefix="silotune-split-") as tmp:
+        keys_dir, tls_dir = Path(tmp) / "keys", Path(tmp) / "tls"
+        write_job_keys(keys_dir, names)
+        generate_tls_material(tls_dir, hosts=["127.0.0.1", "localhost"])
+        local = cfg.model_copy(deep=True)
+        local.split.keys_dir, local.split.tls_dir = keys_dir, tls_dir
+        identity, enrollment = load_coordinator_keys(keys_dir)
+        service = build_service(local, identity, enrollment)
+        server = GrpcStreamServer(
+            service.handle, "127.0.0.1:0", tls=load_tls_material(tls_dir), max_connections=64
+        )
+        server.start()
+        context = multiprocessing.get_context("spawn")
+        data = local.model_dump(mode="json")
+        processes = []
+        clock = time.perf_counter()
+        try:
+            for index, name in enumerate(names):
+                args = (
+                    data,
+                    name,
+                    index,
+                    server.target,
+                    str(out / SILOS_DIR / name),
+                    index == 0,
+                    threads,
+                )
+                process = context.Process(target=_silo_process, args=args, name=name, daemon=True)
+                process.start()
+                processes.append(process)
+            _wait(processes, service, cfg, progress)
+        finally:
+            for process in processes:
+                if process.is_alive():
+                    process.kill()
+                    process.join(5)
+            server.stop(grace=1.0)
+        seconds = time.perf_counter() - clock
+    return _merge_outputs(cfg, names, processes, service, seconds)
+
+
+def _wait(processes: list[Any], service: TrunkService, cfg: JobConfig, progress: bool) -> None:
+    total = cfg.train.max_steps * len(processes)
+    with Progress(
+        TextColumn("[bold]split"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        disable=not progress,
+    ) as bar:
+        task = bar.add_task("silo steps", total=total)
+        while any(p.is_alive() for p in processes):
+            bar.update(task, completed=sum(r.steps for r in service.records))
+            for p in processes:
+                p.join(0.2)
+        bar.update(task, completed=sum(r.steps for r in service.records))
+
+
+def _merge_outputs(
+    cfg: JobConfig, names: list[str], processes: list[Any], service: TrunkService, seconds: float
+) -> dict[str, Any]:
+    out = cfg.output_dir
+    failed = {}
+    for name, process in zip(names, processes, strict=True):
+        if process.exitcode != 0:
+            error = out / SILOS_DIR / name / "error.txt"
+            failed[name] = (
+                error.read_text(encoding="utf-8")
+                if error.is_file()
+                else (f"exit code {process.exitcode}")
+            )
+    first = out / SILOS_DIR / names[0]
+    if names[0] in failed or not (first / SUMMARY_FILE).is_file():
+        reason = failed.get(names[0], "it wrote no summary").strip().splitlines()[-1]
+        raise SplitError(f"split training failed: silo {names[0]} did not finish ({reason})")
+    for name, reason in failed.items():
+        log.warning("Silo %s failed: %s", name, reason.strip().splitlines()[-1])
+    lines = []
+    for name in names:
+        path = out / SILOS_DIR / name / METRICS_FILE
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                lines.append({**json.loads(line), "silo": name})
+    lines.sort(key=lambda r: (r["step"], r["split"] == "test", r["silo"]))
+    (out / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in lines), "utf-8")
+    shutil.copytree(first / ADAPTER_DIR, out / ADAPTER_DIR, dirs_exist_ok=True)
+    silo0 = json.loads((first / SUMMARY_FILE).read_text(encoding="utf-8"))
+    summary = {
+        "mode": "split",
+        "steps": cfg.train.max_steps,
+        "train_seconds": seconds,
+        "test": silo0["test"],
+        "adapter": str(out / ADAPTER_DIR),
+        "split": {
+            "server_mode": cfg.split.server_mode,
+            "silos": len(names),
+            "failed_silos": sorted(failed),
+            "wire_bytes_per_step_silo0": silo0["wire_bytes_per_step"],
+            "trunk_steps": service.engine.commits,
+            "sessions": [vars(r) for r in service.records],
+        },
+    }
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    (out / CONFIG_FILE).write_text(dump_config(cfg), encoding="utf-8")
+    return summary
+
+
+def join(
+    cfg: JobConfig, silo_name: str, shard: int | None = None, overwrite: bool = False
+) -> dict[str, Any]:
+    """``silotune join``: train this silo against ``split.address``; outputs in ``output_dir``."""
+    check_split_config(cfg)
+    prepare_output_dir(cfg, resume=False, overwrite=overwrite)
+    return run_silo(cfg, silo_name, cfg.output_dir, shard=shard)
