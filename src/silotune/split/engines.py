@@ -511,6 +511,15 @@ class HierarchicalEngine(TrunkEngine):
         with self._lock:
             self.replicas.pop(member, None)
 
+    def trunk_state(self) -> dict[str, torch.Tensor]:
+        """The live replicas' adapters averaged by the silos' examples (the main copy if none)."""
+        with self._lock:
+            names = sorted(n for n in self.replicas if n in self.roster.examples)
+            if not names:
+                return self.state.get([self.main.part])
+            states = [self.state.get([self.replicas[n].part]) for n in names]
+            return weighted_average(states, [float(self.roster.examples[n]) for n in names])
+
     def _after_sync(self, values: dict[str, Any]) -> None:
         names = sorted(n for n in values if n in self.replicas)
         if not names:
