@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from peft import get_peft_model_state_dict
 
 from silotune.split.parts import build_half
