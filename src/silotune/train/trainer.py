@@ -78,11 +78,13 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def prepare_output_dir(cfg: JobConfig, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber a run; on --overwrite remove only silotune's own files in the folder."""
+def check_output_dir(cfg: JobConfig, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber a run or resume an incompatible one; writes nothing."""
     out = cfg.output_dir
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; pick one")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} is a file, not a folder")
     has_run = out.is_dir() and any((out / e).exists() for e in RUN_ENTRIES)
     if resume:
         if latest_checkpoint(out) is None:
@@ -109,6 +111,11 @@ def prepare_output_dir(cfg: JobConfig, resume: bool, overwrite: bool) -> None:
             "a finished run" if (out / SUMMARY_FILE).exists() else "an unfinished run (--resume)"
         )
         raise ConfigError(f"output_dir {out} already holds {state}; pass --overwrite to replace it")
+
+
+def reset_output_dir(cfg: JobConfig) -> None:
+    """Remove only silotune's own files from output_dir and write the run's config.yaml."""
+    out = cfg.output_dir
     for entry in RUN_ENTRIES:
         path = out / entry
         if path.is_dir():
@@ -117,6 +124,13 @@ def prepare_output_dir(cfg: JobConfig, resume: bool, overwrite: bool) -> None:
             path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(dump_config(cfg), encoding="utf-8")
+
+
+def prepare_output_dir(cfg: JobConfig, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber a run; on --overwrite remove only silotune's own files in the folder."""
+    check_output_dir(cfg, resume, overwrite)
+    if not resume:
+        reset_output_dir(cfg)
 
 
 class MetricsLog:
@@ -172,8 +186,10 @@ def train_centralized(
     The global torch RNG (LoRA dropout) is seeded with `train.seed` (restored from the checkpoint
     on resume) inside a fork, so the caller's RNG state is left as it was.
     """
-    prepare_output_dir(cfg, resume, overwrite)
-    job = build_job(cfg)
+    check_output_dir(cfg, resume, overwrite)
+    job = build_job(cfg)  # bad model or data fails here, before an old run is replaced
+    if not resume:
+        reset_output_dir(cfg)
     cuda = [job.device.index or 0] if job.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(cfg.train.seed)
