@@ -170,3 +170,35 @@ def run_threads(*targets: Any, timeout: float = 120) -> list[BaseException | Non
         thread.join(timeout)
         assert not thread.is_alive(), "a silo thread hung"
     return errors
+
+
+def make_stream(cfg: JobConfig, half: ModelHalf, shard: int | None = None) -> Any:
+    """The training batches of ``cfg`` (IID part ``shard`` of ``split.silos`` if given)."""
+    from silotune.data.partition import partition_iid
+    from silotune.data.registry import load_splits
+    from silotune.data.tasks import make_task
+    from silotune.train.loop import BatchStream
+
+    splits = load_splits(cfg.data, seed=cfg.train.seed)
+    tokenizer = half.loaded.tokenizer
+    task = make_task(tokenizer, "classification", splits.labels, splits.prompt_template, 64)
+    train = splits.train
+    if shard is not None:
+        train = [train[i] for i in partition_iid(len(train), cfg.split.silos, 0)[shard]]
+    examples = [task.encode(ex) for ex in train]
+    return BatchStream(examples, cfg.train.batch_size, cfg.train.seed, tokenizer.pad_token_id)
+
+
+def train_silo(end: SiloEnd, cfg: JobConfig, stream: Any, steps: int) -> list[float]:
+    """``steps`` split training steps; returns the losses; says goodbye at the end."""
+    from silotune.train.loop import train_step
+
+    losses = []
+    for step in range(steps):
+        out = train_step(
+            end.model, stream, step, end.optimizer, end.scheduler, cfg.train,
+            torch.device("cpu"), loss_fn=end.model.loss,
+        )  # fmt: skip
+        losses.append(out.loss)
+    end.link.finish()
+    return losses
