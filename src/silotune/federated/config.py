@@ -4,11 +4,53 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# CkksParams.max_silos: the packed BFV fields of a sum of more updates could carry into each other.
+CKKS_MAX_SILOS = 16
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PruningConfig(_Strict):
+    """Magnitude pruning of each silo's update onto a support shared by every silo of a round.
+
+    The pruning rate is 0 before `start_round`, rises linearly from `initial_rate` at `start_round`
+    to `target_rate` at `end_round`, and stays at `target_rate` after it. Only the values on the
+    round's support travel, so bytes shrink with the density (1 - rate); what is not sent stays in
+    the silo's error-feedback residual and is added to its next update.
+    """
+
+    enabled: bool = Field(False, description="prune/sparsify updates")
+    start_round: int = Field(1, ge=1, description="first round with pruning")
+    end_round: int = Field(1, ge=1, description="round at which target_rate is reached")
+    initial_rate: float = Field(0.5, ge=0.0, lt=1.0, description="fraction dropped at start_round")
+    target_rate: float = Field(0.9, ge=0.0, lt=1.0, description="fraction dropped from end_round")
+    support: Literal["random", "topk_prev"] = Field(
+        "random",
+        description="random: seeded by (job seed, round), the same on every silo; topk_prev: the "
+        "largest entries of the previous round's aggregate (random in the first round)",
+    )
+    error_feedback: bool = Field(True, description="keep what was not sent and add it next round")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PruningConfig:
+        if self.end_round < self.start_round:
+            raise ValueError("pruning.end_round must be >= pruning.start_round")
+        return self
+
+
+class DPConfig(_Strict):
+    """Per-silo differential privacy: clip each update's L2 norm, add Gaussian noise, account."""
+
+    enabled: bool = Field(False, description="clip and noise each silo's update")
+    clip_norm: float = Field(0.1, gt=0, description="L2 bound C on one silo's update per round")
+    noise_multiplier: float = Field(
+        1.0, gt=0, description="sigma: each silo adds N(0, (sigma*C)^2) to every coordinate"
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="delta at which epsilon is reported")
 
 
 class FederationConfig(_Strict):
@@ -20,9 +62,61 @@ class FederationConfig(_Strict):
     fraction: float = Field(1.0, gt=0, le=1, description="fraction of silos sampled per round")
     min_silos: int = Field(2, ge=1, description="a round fails if fewer silos report")
     strategy: Literal["fedavg", "fedprox", "fedadam"] = Field("fedavg", description="aggregation")
-    partition: Literal["iid", "dirichlet"] = Field("iid", description="how data is split (simulation)")
+    proximal_mu: float = Field(
+        0.01, ge=0, description="fedprox: weight mu of the (mu/2)*||w - w_global||^2 term"
+    )
+    server_lr: float | None = Field(
+        None,
+        gt=0,
+        description="server step on the averaged update; default 1.0 (fedavg, fedprox: plain "
+        "averaging) or 0.01 (fedadam)",
+    )
+    partition: Literal["iid", "dirichlet"] = Field(
+        "iid", description="how data is split (simulation)"
+    )
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration for partition: dirichlet")
     secure_aggregation: Literal["none", "masking", "ckks"] = Field(
-        "none", description="none, pairwise masking (SecAgg), or CKKS homomorphic aggregation"
+        "none",
+        description="none, pairwise masking (SecAgg), or homomorphic aggregation (TenSEAL; BFV "
+        "with two fixed-point values per slot, see docs/federated.md)",
     )
-    simulation: bool = Field(True, description="run every silo on this machine via Flower simulation")
+    masking_threshold: int | None = Field(
+        None, ge=2, description="masking: Shamir threshold; default a majority of the round's silos"
+    )
+    secagg_clip: float = Field(
+        0.25,
+        gt=0,
+        description="masking/ckks: each pre-weighted update value is clipped to [-clip, clip] "
+        "before fixed-point encoding (smaller = finer quantisation)",
+    )
+    eval_every: int = Field(1, gt=0, description="evaluate the global adapter every N rounds")
+    round_timeout_s: float = Field(600.0, gt=0, description="seconds to wait for silos per stage")
+    pruning: PruningConfig = Field(default_factory=PruningConfig)
+    dp: DPConfig = Field(default_factory=DPConfig)
+    simulation: bool = Field(
+        True, description="run every silo on this machine via Flower simulation"
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FederationConfig:
+        if self.min_silos > self.silos:
+            raise ValueError(f"min_silos ({self.min_silos}) exceeds silos ({self.silos})")
+        if self.secure_aggregation != "none" and self.min_silos < 2:
+            raise ValueError(
+                "secure aggregation needs min_silos >= 2 (a sum of one update is that update)"
+            )
+        if self.secure_aggregation == "ckks" and self.silos > CKKS_MAX_SILOS:
+            raise ValueError(f"secure_aggregation ckks supports at most {CKKS_MAX_SILOS} silos")
+        if self.masking_threshold is not None and self.masking_threshold > self.min_silos:
+            raise ValueError(
+                "masking_threshold must be <= min_silos, or a round could complete without "
+                "enough shares to unmask it"
+            )
+        return self
+
+    @property
+    def effective_server_lr(self) -> float:
+        """The server step size after applying the strategy's default."""
+        if self.server_lr is not None:
+            return self.server_lr
+        return 0.01 if self.strategy == "fedadam" else 1.0

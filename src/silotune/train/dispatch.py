@@ -20,6 +20,10 @@ def run_job(
         from silotune.split.runner import train_split
 
         return train_split(cfg, resume=resume, overwrite=overwrite, progress=progress)
+    if cfg.mode == "federated":
+        from silotune.federated.simulation import train_federated_simulation
+
+        return train_federated_simulation(cfg, resume=resume, overwrite=overwrite, progress=progress)
     raise ConfigError(
-        f"mode '{cfg.mode}' is not available in this build (available: centralized, split)"
+        f"mode '{cfg.mode}' is not available in this build (available: centralized, federated)"
     )

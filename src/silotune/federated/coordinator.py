@@ -1,0 +1,213 @@
+"""The coordinator (Flower ServerApp main): rounds, server step, evaluation, checkpoints, outputs.
+
+Outputs follow the centralized trainer: ``config.yaml``, ``metrics.jsonl`` (``step`` is the round),
+``checkpoints/step-<round>/`` after every round (global adapter in PEFT format, server optimizer,
+RNG; written atomically), ``adapter/`` and ``summary.json`` at the end. A restarted coordinator
+(``--resume``) continues after the last completed round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from typing import Any
+
+import numpy as np
+from flwr.serverapp import Grid
+from numpy.typing import NDArray
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from silotune.adapters.peft_adapters import save_adapter
+from silotune.config import JobConfig
+from silotune.errors import CheckpointError
+from silotune.eval.evaluate import evaluate
+from silotune.federated import dp, protocols
+from silotune.federated.sparsify import (
+    densify,
+    kept_count,
+    pruning_rate,
+    random_support,
+    topk_support,
+)
+from silotune.federated.strategy import apply_update, make_server_optimizer
+from silotune.federated.vectors import FederationError, flatten
+from silotune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from silotune.train.trainer import (
+    ADAPTER_DIR,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    MetricsLog,
+    build_job,
+)
+
+log = logging.getLogger(__name__)
+NODE_WAIT_S = 60.0
+
+
+class Coordinator:
+    """Runs the rounds of one federated job against a Flower ``Grid``."""
+
+    def __init__(self, cfg: JobConfig, grid: Grid, resume: bool, progress: bool) -> None:
+        self.cfg, self.fed, self.grid = cfg, cfg.federation, grid
+        self.resume, self.progress = resume, progress
+        self.job = build_job(cfg)
+        self.optimizer = make_server_optimizer(self.job.model, self.fed)
+        self.he: protocols.HeSetup | None = None  # public-only HE material (ckks)
+        self.previous: NDArray[np.float32] | None = None  # last dense mean update (topk_prev)
+        self.upload_bytes: list[float] = []
+        self._last_loss = float("nan")
+
+    def _nodes(self) -> list[int]:
+        """The connected silos; waits (bounded) until `federation.min_silos` have joined."""
+        deadline = time.monotonic() + NODE_WAIT_S
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= self.fed.silos or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        if len(nodes) < self.fed.min_silos:
+            raise FederationError(
+                f"only {len(nodes)} silo(s) connected within {NODE_WAIT_S:.0f} s; "
+                f"federation.min_silos is {self.fed.min_silos}"
+            )
+        return nodes
+
+    def _sample(self, nodes: list[int], round_no: int) -> list[int]:
+        """`fraction` of the silos (at least min_silos), drawn by a (seed, round)-seeded RNG."""
+        k = max(self.fed.min_silos, int(np.ceil(self.fed.fraction * len(nodes))))
+        rng = random.Random(f"{self.cfg.train.seed}/{round_no}")  # sampling, not security
+        return sorted(rng.sample(nodes, min(k, len(nodes))))
+
+    def _support(self, round_no: int, length: int) -> NDArray[np.int64] | None:
+        rate = pruning_rate(self.fed.pruning, round_no)
+        if rate == 0.0:
+            return None
+        keep = kept_count(length, rate)
+        if self.fed.pruning.support == "topk_prev" and self.previous is not None:
+            return topk_support(self.previous, keep)
+        return random_support(length, keep, self.cfg.train.seed, round_no)
+
+    def _round(
+        self, nodes: list[int], round_no: int, support: NDArray[np.int64] | None
+    ) -> protocols.RoundResult:
+        inp = protocols.RoundInput(round_no, flatten(self.job.model), support)
+        mode = self.fed.secure_aggregation
+        if mode == "masking":
+            return protocols.masking_round(self.grid, nodes, self.fed, inp)
+        if mode == "ckks":
+            assert self.he is not None
+            return protocols.he_round(self.grid, nodes, self.fed, inp, self.he)
+        return protocols.plain_round(self.grid, nodes, self.fed, inp)
+
+    def _epsilon(self, rounds: int) -> dict[str, float] | None:
+        d = self.fed.dp
+        if not d.enabled:
+            return None
+        eps, order = dp.gaussian_epsilon(d.noise_multiplier, rounds, d.delta)
+        return {
+            "epsilon": eps,
+            "delta": d.delta,
+            "noise_multiplier": d.noise_multiplier,
+            "clip_norm": d.clip_norm,
+            "rounds": rounds,
+            "rdp_order": order,
+        }
+
+    def run(self) -> dict[str, Any]:
+        """Run (or resume) every round; returns the summary written to ``summary.json``."""
+        cfg, fed, out = self.cfg, self.fed, self.cfg.output_dir
+        start = 0
+        if self.resume:
+            ckpt = latest_checkpoint(out)
+            if ckpt is None:
+                raise CheckpointError(f"--resume: {out} holds no checkpoint to resume from")
+            start = load_checkpoint(ckpt, self.job.model, self.optimizer, None)["step"]
+            log.info("Resuming the federation after round %d (%s)", start, ckpt)
+        metrics = MetricsLog(out / METRICS_FILE, keep_until_step=start if self.resume else None)
+        nodes = self._nodes()
+        if fed.secure_aggregation == "ckks":
+            self.he = protocols.he_setup(self.grid, nodes, fed)
+            nodes = self.he.holders
+        clock = time.perf_counter()
+        bar = Progress(
+            TextColumn("[bold]federated round"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            disable=not self.progress,
+        )
+        with bar:
+            task = bar.add_task("rounds", total=fed.rounds, completed=start, loss="-")
+            for round_no in range(start + 1, fed.rounds + 1):
+                self._one_round(nodes, round_no, metrics, clock)
+                bar.update(task, advance=1, loss=f"{self._last_loss:.4f}")
+        train_s = time.perf_counter() - clock
+        save_adapter(self.job.model, out / ADAPTER_DIR)
+        j = self.job
+        test = evaluate(j.model, j.task, j.splits.test, cfg.train.eval_batch_size, j.device)
+        metrics.write({"step": fed.rounds, "round": fed.rounds, "split": "test", **test})
+        summary = {
+            "mode": cfg.mode,
+            "rounds": fed.rounds,
+            "silos": fed.silos,
+            "local_steps": fed.local_steps,
+            "strategy": fed.strategy,
+            "secure_aggregation": fed.secure_aggregation,
+            "train_seconds": train_s,
+            "upload_bytes_per_silo_per_round": (
+                float(np.mean(self.upload_bytes)) if self.upload_bytes else None
+            ),
+            "test": test,
+            "dp": self._epsilon(fed.rounds),
+            "adapter": str(out / ADAPTER_DIR),
+        }
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        return summary
+
+    def _one_round(
+        self, nodes: list[int], round_no: int, metrics: MetricsLog, clock: float
+    ) -> None:
+        cfg, fed, j = self.cfg, self.fed, self.job
+        chosen = self._sample(nodes, round_no)
+        length = sum(p.numel() for p in self.optimizer.param_groups[0]["params"])
+        support = self._support(round_no, length)
+        result = self._round(chosen, round_no, support)
+        dense = densify(result.mean_update, support, length)
+        apply_update(j.model, self.optimizer, dense)
+        self.previous = dense
+        self._last_loss = result.loss
+        self.upload_bytes.append(result.upload_bytes)
+        record: dict[str, Any] = {
+            "step": round_no,
+            "round": round_no,
+            "split": "train",
+            "loss": result.loss,
+            "silos": len(result.contributors),
+            "dropped": len(result.dropped),
+            "density": 1.0 - pruning_rate(fed.pruning, round_no),
+            "upload_bytes_per_silo": result.upload_bytes,
+            "mean_update_norm": float(np.mean(result.update_norms)) if result.update_norms else 0.0,
+            "elapsed_s": time.perf_counter() - clock,
+        }
+        eps = self._epsilon(round_no)
+        if eps is not None:
+            record["dp_epsilon"] = eps["epsilon"]
+        metrics.write(record)
+        if round_no % fed.eval_every == 0 or round_no == fed.rounds:
+            scores = evaluate(
+                j.model, j.task, j.splits.validation, cfg.train.eval_batch_size, j.device
+            )
+            metrics.write({"step": round_no, "round": round_no, "split": "validation", **scores})
+            log.info("round %d validation %s", round_no, scores)
+        save_checkpoint(
+            cfg.output_dir,
+            round_no,
+            j.model,
+            self.optimizer,
+            None,
+            extra={"round": round_no, "contributors": len(result.contributors)},
+            keep=cfg.train.keep_checkpoints,
+        )

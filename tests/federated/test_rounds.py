@@ -1,0 +1,268 @@
+"""Federated rounds end to end in one process: the real coordinator and silos over InProcessGrid."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message
+from safetensors.numpy import load_file
+
+from silotune.adapters.peft_adapters import save_adapter
+from silotune.config import JobConfig, config_from_dict
+from silotune.crypto import ckks
+from silotune.crypto.exceptions import KeyMaterialError
+from silotune.crypto.fixedpoint import FixedPointCodec
+from silotune.federated import silo
+from silotune.federated.dp import gaussian_epsilon
+from silotune.federated.vectors import FederationError, flatten, load_flat
+from silotune.train.trainer import build_job
+from tests.federated.harness import run_in_process
+
+CLIP = 0.25
+
+
+def make_cfg(tmp_path: Path, name: str, **federation: object) -> JobConfig:
+    fed = {"silos": 3, "rounds": 1, "local_steps": 2, "min_silos": 2, "secagg_clip": CLIP}
+    fed.update(federation)
+    return config_from_dict(
+        {
+            "mode": "federated",
+            "model": "tiny-llama",
+            "data": {"dataset": "fortunes-sample", "max_length": 32, "max_eval_examples": 4},
+            "train": {"batch_size": 4, "lr": 1e-3, "eval_batch_size": 16, "seed": 0},
+            "output_dir": str(tmp_path / name),
+            "federation": fed,
+        }
+    )
+
+
+def adapter(cfg: JobConfig) -> np.ndarray:
+    tensors = load_file(cfg.output_dir / "adapter" / "adapter_model.safetensors")
+    return np.concatenate([tensors[k].reshape(-1) for k in sorted(tensors)])
+
+
+def expected_fedavg(cfg: JobConfig, partitions: list[int]) -> np.ndarray:
+    """Global after one FedAvg round, computed directly from each silo's local round."""
+    job = build_job(cfg)
+    global_vec = flatten(job.model)
+    total, weight = np.zeros_like(global_vec, dtype=np.float64), 0
+    for p in partitions:
+        result, _ = silo.local_round(cfg, p, global_vec, 1, None, None)
+        total += result.examples * result.values.astype(np.float64)
+        weight += result.examples
+    load_flat(job.model, (global_vec + total / weight).astype(np.float32))
+    out = cfg.output_dir.parent / f"expected-{cfg.output_dir.name}"
+    save_adapter(job.model, out)
+    tensors = load_file(out / "adapter_model.safetensors")
+    return np.concatenate([tensors[k].reshape(-1) for k in sorted(tensors)])
+
+
+def drop(partition: int, message_type: str):
+    """A ClientApp mod: silo `partition` fails when it receives `message_type`."""
+
+    def mod(message: Message, context: Context, call_next):
+        if (
+            context.node_config["partition-id"] == partition
+            and message.metadata.message_type == message_type
+        ):
+            raise ConnectionError(f"silo {partition} lost at {message_type}")
+        return call_next(message, context)
+
+    return mod
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> tuple[JobConfig, np.ndarray, dict]:
+    cfg = make_cfg(tmp_path_factory.mktemp("plain"), "none")
+    summary, _, _ = run_in_process(cfg)
+    return cfg, adapter(cfg), summary
+
+
+def test_plain_round_is_example_weighted_mean_of_local_minus_global(plain) -> None:
+    cfg, got, summary = plain
+    want = expected_fedavg(cfg, [0, 1, 2])
+    assert np.abs(got - want).max() < 1e-6
+    assert summary["mode"] == "federated" and summary["rounds"] == 1
+    # Only adapter tensors travel: the upload is 4 bytes per adapter parameter.
+    assert summary["upload_bytes_per_silo_per_round"] == 4 * got.size
+    assert (cfg.output_dir / "checkpoints" / "step-00000001").is_dir()
+    records = [
+        json.loads(line) for line in (cfg.output_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["split"] for r in records] == ["train", "validation", "test"]
+    assert records[0]["silos"] == 3 and records[0]["dropped"] == 0
+
+
+@pytest.mark.parametrize("mode", ["masking", "ckks"])
+def test_secure_aggregation_equals_plain_weighted_fedavg(tmp_path: Path, plain, mode: str) -> None:
+    _, want, plain_summary = plain
+    cfg = make_cfg(tmp_path, mode, secure_aggregation=mode)
+    summary, _, _ = run_in_process(cfg)
+    got = adapter(cfg)
+    if mode == "masking":
+        tol = FixedPointCodec(clip=CLIP, n_silos=3, bits=32).sum_tolerance(3)
+        assert summary["upload_bytes_per_silo_per_round"] < 4.01 * got.size
+    else:
+        tol = ckks.CkksParams(clip=CLIP).codec.sum_tolerance(3)
+    assert np.abs(got - want).max() <= tol + 1e-7
+    assert summary["secure_aggregation"] == mode
+
+
+def test_masking_silo_lost_after_upload_does_not_stop_the_round(
+    tmp_path: Path, plain, caplog
+) -> None:
+    _, want, _ = plain
+    cfg = make_cfg(tmp_path, "lost", secure_aggregation="masking")
+    with caplog.at_level(logging.WARNING):
+        run_in_process(cfg, mods=[drop(2, "train.mask_unmask")])
+    assert "missed unmasking" in caplog.text
+    # The lost silo uploaded, so its update is in the sum: same result as with all three.
+    tol = FixedPointCodec(clip=CLIP, n_silos=3, bits=32).sum_tolerance(3)
+    assert np.abs(adapter(cfg) - want).max() <= tol + 1e-7
+    train = [
+        line
+        for line in (cfg.output_dir / "metrics.jsonl").read_text().splitlines()
+        if '"train"' in line
+    ]
+    assert '"silos": 3' in train[0]
+
+
+def test_masking_silo_lost_before_upload_is_left_out(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, "before", secure_aggregation="masking")
+    run_in_process(cfg, mods=[drop(1, "train.mask_collect")])
+    want = expected_fedavg(cfg, [0, 2])
+    tol = FixedPointCodec(clip=CLIP, n_silos=3, bits=32).sum_tolerance(3)
+    assert np.abs(adapter(cfg) - want).max() <= tol + 1e-6
+
+
+def test_dropout_round_completes_with_the_rest_when_min_silos_remain(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, "drop")
+    run_in_process(cfg, mods=[drop(1, "train.plain")])
+    assert np.abs(adapter(cfg) - expected_fedavg(cfg, [0, 2])).max() < 1e-6
+
+
+def test_round_fails_clearly_below_min_silos(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, "fail", min_silos=3)
+    with pytest.raises(
+        FederationError, match=r"only 2 silo\(s\) completed stage train; federation.min_silos is 3"
+    ):
+        run_in_process(cfg, mods=[drop(0, "train.plain")])
+
+
+def test_ckks_coordinator_context_cannot_decrypt(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, "he", secure_aggregation="ckks")
+    _, coordinator, grid = run_in_process(cfg)
+    public = ckks.CkksKeys.load(coordinator.he.public_context)
+    assert not public.is_private
+    with pytest.raises(KeyMaterialError, match="secret key"):
+        ckks.decrypt_aggregate(public, ckks.encrypt_update(public, np.zeros(8), 0.5), 8)
+    with pytest.raises(KeyMaterialError):
+        public.serialize_secret()
+    # The secret went to the peers only sealed: no message the coordinator relayed holds it.
+    leader_state = grid.contexts[min(grid.contexts)].state.config_records["silotune"]
+    secret = bytes(leader_state["he_secret"])
+    assert ckks.CkksKeys.load(secret).is_private
+    for msg in grid.sent:
+        for record in msg.content.array_records.values():
+            for name in record:
+                assert secret[-64:] not in record[name].numpy().tobytes()
+
+
+def test_tampered_share_bundle_is_rejected(tmp_path: Path, caplog) -> None:
+    def flip(message_type: str, node: int, content) -> None:
+        if message_type == "train.mask_share" and node == 1000:
+            blob = bytearray(content.array_records["bundles"]["3"].numpy().tobytes())
+            blob[-1] ^= 1
+            content.array_records["bundles"]["3"] = silo.to_array(bytes(blob))
+
+    cfg = make_cfg(tmp_path, "tamper", secure_aggregation="masking")
+    with caplog.at_level(logging.WARNING):
+        run_in_process(cfg, tamper=flip)
+    assert "share bundle from silo 1 failed authentication" in caplog.text
+    # Silo 3 refused to go on; the round finished without it.
+    tol = FixedPointCodec(clip=CLIP, n_silos=3, bits=32).sum_tolerance(3)
+    assert np.abs(adapter(cfg) - expected_fedavg(cfg, [0, 1])).max() <= tol + 1e-6
+
+
+def test_tampered_ciphertext_is_rejected(tmp_path: Path) -> None:
+    def flip(message_type: str, node: int, content) -> None:
+        if message_type == "train.he_train" and node == 1001:
+            blob = bytearray(content.array_records["arrays"]["ciphertext"].numpy().tobytes())
+            blob[len(blob) // 2] ^= 0x40
+            content.array_records["arrays"]["ciphertext"] = silo.to_array(bytes(blob))
+
+    cfg = make_cfg(tmp_path, "tamper-he", secure_aggregation="ckks")
+    with pytest.raises(FederationError, match="round 1 failed: .*(rejected|tampered|corrupt)"):
+        run_in_process(cfg, tamper=flip)
+    assert not (cfg.output_dir / "adapter").exists()
+
+
+def test_tampered_secret_context_is_rejected(tmp_path: Path, caplog) -> None:
+    def flip(message_type: str, node: int, content) -> None:
+        if message_type == "train.he_keygen":
+            blob = bytearray(content.array_records["sealed"]["1002"].numpy().tobytes())
+            blob[100] ^= 1
+            content.array_records["sealed"]["1002"] = silo.to_array(bytes(blob))
+
+    cfg = make_cfg(tmp_path, "tamper-key", secure_aggregation="ckks")
+    with caplog.at_level(logging.WARNING):
+        _, coordinator, _ = run_in_process(cfg, tamper=flip)
+    assert coordinator.he.holders == [1000, 1001]
+    assert "HE secret context from the key leader failed authentication" in caplog.text
+
+
+def test_restarted_coordinator_resumes_from_the_last_round(tmp_path: Path) -> None:
+    full = make_cfg(tmp_path, "full", rounds=2)
+    run_in_process(full)
+    crash = make_cfg(tmp_path, "crash", rounds=2)
+
+    def crash_in_round_2(message: Message, context: Context, call_next):
+        if message.metadata.group_id == "2":
+            raise ConnectionError("coordinator network down")
+        return call_next(message, context)
+
+    with pytest.raises(FederationError, match="round 2 failed"):
+        run_in_process(crash, mods=[crash_in_round_2])
+    assert (crash.output_dir / "checkpoints" / "step-00000001").is_dir()
+    assert not (crash.output_dir / "summary.json").exists()
+    summary, _, _ = run_in_process(crash, resume=True)
+    assert summary["rounds"] == 2
+    assert np.abs(adapter(crash) - adapter(full)).max() < 1e-6
+    rounds = [
+        line
+        for line in (crash.output_dir / "metrics.jsonl").read_text().splitlines()
+        if '"train"' in line
+    ]
+    assert len(rounds) == 2
+
+
+@pytest.mark.parametrize("mode", ["none", "masking", "ckks"])
+def test_pruning_shrinks_upload_in_proportion_to_density(tmp_path: Path, mode: str) -> None:
+    sizes = {}
+    for name, enabled in (("dense", False), ("sparse", True)):
+        pruning = {"enabled": enabled, "start_round": 1, "end_round": 1, "target_rate": 0.75}
+        cfg = make_cfg(tmp_path, f"{mode}-{name}", secure_aggregation=mode, pruning=pruning)
+        sizes[name] = run_in_process(cfg)[0]["upload_bytes_per_silo_per_round"]
+        length = adapter(cfg).size
+    kept = int(np.ceil(length * 0.25))
+    if mode == "ckks":  # whole ciphertexts of 8192 values each
+        ratio = np.ceil(kept / 8192) / np.ceil(length / 8192)
+        assert sizes["sparse"] / sizes["dense"] == pytest.approx(ratio, rel=0.05)
+    else:
+        assert sizes["sparse"] / sizes["dense"] == pytest.approx(kept / length, rel=0.01)
+    assert sizes["sparse"] < 0.4 * sizes["dense"]
+
+
+def test_dp_reports_epsilon_and_changes_the_update(tmp_path: Path, plain) -> None:
+    _, want, _ = plain
+    dp = {"enabled": True, "clip_norm": 0.05, "noise_multiplier": 1.2, "delta": 1e-5}
+    cfg = make_cfg(tmp_path, "dp", dp=dp)
+    summary, _, _ = run_in_process(cfg)
+    eps, _ = gaussian_epsilon(1.2, 1, 1e-5)
+    assert summary["dp"]["epsilon"] == pytest.approx(eps)
+    assert summary["dp"]["noise_multiplier"] == 1.2
+    assert np.abs(adapter(cfg) - want).max() > 1e-3
