@@ -79,7 +79,13 @@ def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
 
 def set_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
     """Load adapter tensors (PEFT names) into `model`, failing if any is missing or unexpected."""
-    result = set_peft_model_state_dict(model, state)
+    try:
+        result = set_peft_model_state_dict(model, state)
+    except (RuntimeError, KeyError, ValueError) as err:
+        # e.g. a rank-4 checkpoint into a rank-2 adapter, or LoRA tensors into a prefix adapter
+        raise CheckpointError(
+            f"adapter state does not fit this adapter: {_first_line(err)}"
+        ) from None
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     if unexpected:
         raise CheckpointError(f"adapter state has unexpected tensors, e.g. {unexpected[0]}")
@@ -117,4 +123,16 @@ def read_adapter_dir(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def load_adapter(base: PreTrainedModel, adapter_dir: Path, trainable: bool = False) -> PeftModel:
     """Load a saved adapter onto `base` (checked first, so a corrupt folder fails clearly)."""
     read_adapter_dir(adapter_dir)
-    return PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable)
+    try:
+        return PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable)
+    except (RuntimeError, KeyError, ValueError) as err:  # wrong base model or adapter shape
+        raise CheckpointError(
+            f"adapter {adapter_dir} does not fit the base model: {_first_line(err)}"
+        ) from None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    # torch's load_state_dict puts the useful part ("size mismatch for ...") on line 2
+    useful = [line for line in lines if not line.startswith("Error(s) in loading")]
+    return (useful or lines or [type(err).__name__])[0]
