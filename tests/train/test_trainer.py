@@ -248,7 +248,6 @@ def first_and_last_train_loss(run: Path) -> tuple[float, float]:
     return losses[0], losses[-1]
 
 
-@pytest.mark.slow
 def test_loss_falls_on_fortunes_sample_and_scores_are_in_range(
     make_job: MakeJob, tmp_path: Path
 ) -> None:
