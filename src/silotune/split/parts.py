@@ -3,7 +3,9 @@
 Both sides load the same base model and attach the same seeded adapter (so the adapter starts
 where the centralized trainer's would), then cut it with :func:`~silotune.models.slicing.split_model`.
 Each side then drops the blocks it does not run: the silo keeps embeddings, head and tail, the
-coordinator keeps the trunk. Adapter tensors travel under their PEFT names
+coordinator keeps the trunk. A silo loading a Llama-family safetensors folder (SmolLM2 included)
+never reads the trunk's weights at all (:func:`_load_silo_lean`); its LoRA tensors are then drawn
+from the same distribution but not the same numbers as the centralized trainer's. Adapter tensors travel under their PEFT names
 (``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight``), so a silo's tensors plus the
 coordinator's form a complete PEFT adapter.
 """
@@ -23,8 +25,15 @@ from torch import nn
 
 from silotune.adapters.peft_adapters import ADAPTER_WEIGHTS, attach_adapter
 from silotune.config import JobConfig
-from silotune.errors import ConfigError
-from silotune.models.loading import LoadedModel, load_model
+from silotune.errors import ConfigError, ModelError
+from silotune.models.loading import (
+    LoadedModel,
+    _ensure_pad_token,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+)
+from silotune.models.presets import smollm2_folder
 from silotune.models.slicing import SplitPart, SplitParts, split_model
 
 __all__ = [
@@ -133,6 +142,66 @@ def _drop(model: PeftModel, parts: list[SplitPart]) -> None:
     gc.collect()
 
 
+def _model_folder(name: str) -> Path | None:
+    """The local safetensors folder of a model name, or None (built from a config)."""
+    if name == "smollm2-135m":
+        return smollm2_folder()
+    path = Path(name).expanduser()
+    return path if (path / "model.safetensors").is_file() else None
+
+
+def _is_llama_family(folder: Path) -> bool:
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return config.get("model_type") in ("llama", "qwen2", "mistral")
+
+
+def _load_silo_lean(cfg: JobConfig, folder: Path) -> LoadedModel:
+    """Load only embeddings, head and tail blocks, final norm and LM head of a Llama-family folder.
+
+    The model is built on the meta device, the trunk blocks are replaced by placeholders, and only
+    the tensors the silo runs are read from ``model.safetensors``: the silo never holds the trunk,
+    not even while loading.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(cfg.model.device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    layers = config.num_hidden_layers
+    keep = set(range(cfg.split.head_layers)) | set(range(layers - cfg.split.tail_layers, layers))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    decoder = model.model
+    for index in range(layers):
+        if index not in keep:
+            decoder.layers[index] = _Absent()
+    model.to_empty(device=device)
+    decoder.rotary_emb = type(decoder.rotary_emb)(config=config).to(device)  # real buffers
+    state = {}
+    with safe_open(folder / "model.safetensors", framework="pt", device=str(device)) as fh:
+        for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
+            parts = key.split(".")
+            if parts[:2] == ["model", "layers"] and int(parts[2]) not in keep:
+                continue
+            state[key] = fh.get_tensor(key).to(dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = decoder.embed_tokens.weight
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ModelError(
+            f"model folder {folder} does not fit its config: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    _ensure_pad_token(tokenizer)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, name=cfg.model.name, device=device)
+
+
 def build_half(cfg: JobConfig, side: str) -> ModelHalf:
     """Load the base model, attach the seeded adapter, split it, and keep ``side``'s blocks.
 
@@ -146,7 +215,11 @@ def build_half(cfg: JobConfig, side: str) -> ModelHalf:
     if side not in ("silo", "trunk"):
         raise ValueError(f"side must be 'silo' or 'trunk', got {side!r}")
     check_split_config(cfg)
-    loaded = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype, seed=cfg.train.seed)
+    folder = _model_folder(cfg.model.name) if side == "silo" else None
+    if folder is not None and _is_llama_family(folder):
+        loaded = _load_silo_lean(cfg, folder)
+    else:
+        loaded = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype, seed=cfg.train.seed)
     model = attach_adapter(loaded.model, cfg.adapter, seed=cfg.train.seed)
     parts = split_model(model, cfg.split.head_layers, cfg.split.tail_layers)
     if side == "silo":
