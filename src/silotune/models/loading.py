@@ -74,12 +74,29 @@ def _load_folder(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTr
             f"model folder {path} has no config.json (not a Hugging Face model folder)"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"cannot load the model folder {path}: {first}") from err
+        raise ModelError(f"cannot load the model folder {path}: {_first_line(err)}") from err
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ModelError(
+            f"cannot load a tokenizer from the model folder {path} (save one there with "
+            f"tokenizer.save_pretrained): {_first_line(err)}"
+        ) from err
+    if not tokenizer("Hello world", add_special_tokens=False)["input_ids"]:
+        # transformers builds an empty tokenizer for some model types (gpt2, qwen2) when the
+        # folder has no tokenizer files; it would silently turn every text into nothing.
+        raise ModelError(
+            f"the model folder {path} has no usable tokenizer (it encodes text to nothing); "
+            "save one there with tokenizer.save_pretrained"
+        )
     return model, tokenizer
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0].strip().rstrip(":") if text else type(err).__name__
 
 
 def load_model(name: str, device: str = "auto", dtype: str = "auto", seed: int = 0) -> LoadedModel:
@@ -110,6 +127,13 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", seed: int =
                 f"model '{name}' is neither a preset ({', '.join(PRESETS)}) nor an existing folder"
             )
         model, tokenizer = _load_folder(path, torch_dtype)
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        # token ids past the embedding would fail deep inside the first forward pass
+        raise ModelError(
+            f"model '{name}': its tokenizer has {len(tokenizer)} tokens but the embedding only "
+            f"{rows} rows; save the model's own tokenizer in the folder"
+        )
     _ensure_pad_token(tokenizer)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
