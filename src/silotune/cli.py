@@ -188,6 +188,7 @@ from silotune.split import cli as split_cli  # noqa: E402  (serve, join)
 
 app.command()(split_cli.serve)
 app.command()(split_cli.join)
+app.command("keygen")(__import__("silotune.federated.keygen", fromlist=["keygen"]).keygen)
 
 
 def _print_scores(split: str, scores: dict[str, float]) -> None:

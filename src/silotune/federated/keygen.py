@@ -1,0 +1,108 @@
+"""`silotune keygen`: TLS certificates for the SuperLink and authentication keys for each silo.
+
+Layout written under ``--out``::
+
+    coordinator/ca.pem ca.key server.pem server.key   TLS for flower-superlink (keys 0600)
+    coordinator/supernodes.txt                         the silos' SuperNode public keys, to register
+    silo-<k>/ca.pem                                    pins the coordinator's CA (--root-certificates)
+    silo-<k>/supernode.key, supernode.pub              SuperNode authentication (ECDSA P-384,
+                                                       OpenSSH format, as flower-supernode wants)
+    silo-<k>/identity.pem, identity.pub                the silo's Ed25519 silotune identity
+
+Nothing is overwritten: an existing file makes the command stop before writing anything.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from silotune.crypto.identity import IdentityKey
+from silotune.errors import ConfigError
+from silotune.transport.tls import CA_CERT, generate_tls_material
+
+SUPERNODE_KEY, SUPERNODE_PUB = "supernode.key", "supernode.pub"
+IDENTITY_KEY, IDENTITY_PUB = "identity.pem", "identity.pub"
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    """Write atomically with `mode`; the caller has checked the path is free."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def supernode_keypair() -> tuple[bytes, bytes]:
+    """An ECDSA P-384 key pair in OpenSSH format (private, public)."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    return private, public + b"\n"
+
+
+def generate(out: Path, silos: int, hosts: list[str], days: int = 365) -> list[Path]:
+    """Write the coordinator's TLS material and each silo's keys; returns the files written."""
+    if silos < 1:
+        raise ConfigError(f"--silos must be at least 1, got {silos}")
+    coordinator = out / "coordinator"
+    silo_dirs = [out / f"silo-{k}" for k in range(1, silos + 1)]
+    planned = [coordinator / n for n in ("ca.pem", "ca.key", "server.pem", "server.key")]
+    planned.append(coordinator / "supernodes.txt")
+    for d in silo_dirs:
+        planned += [
+            d / n for n in (CA_CERT, SUPERNODE_KEY, SUPERNODE_PUB, IDENTITY_KEY, IDENTITY_PUB)
+        ]
+    existing = [p for p in planned if p.exists()]
+    if existing:
+        raise ConfigError(f"keygen: {existing[0]} already exists; choose an empty --out folder")
+    try:
+        tls = generate_tls_material(coordinator, hosts, days)
+    except ValueError as err:
+        raise ConfigError(f"keygen: {err}") from None
+    registered = []
+    for d in silo_dirs:
+        _write(d / CA_CERT, tls.ca_cert_pem, 0o644)
+        private, public = supernode_keypair()
+        _write(d / SUPERNODE_KEY, private, 0o600)
+        _write(d / SUPERNODE_PUB, public, 0o644)
+        identity = IdentityKey.generate()
+        identity.save(d / IDENTITY_KEY)
+        identity.public.save(d / IDENTITY_PUB)
+        registered.append(public)
+    _write(coordinator / "supernodes.txt", b"".join(registered), 0o644)
+    return planned
+
+
+def keygen(
+    out: Annotated[Path, typer.Option("--out", help="Empty folder to write the keys to.")],
+    silos: Annotated[int, typer.Option(help="Number of silos to make keys for.")] = 2,
+    host: Annotated[
+        list[str] | None,
+        typer.Option(help="Coordinator DNS name or IP for its certificate (repeatable)."),
+    ] = None,
+    days: Annotated[int, typer.Option(help="Certificate validity in days.")] = 365,
+) -> None:
+    """Create TLS certificates for the coordinator and SuperNode/identity keys for each silo."""
+    files = generate(out, silos, host or ["localhost", "127.0.0.1"], days)
+    typer.echo(f"wrote {len(files)} files under {out} (private keys mode 0600)")
