@@ -17,7 +17,11 @@ A LoRA update of 4,194,304 parameters (Llama-2-7B, r=8 on q and v) from 4 silos 
 
 from __future__ import annotations
 
+import os
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -155,12 +159,28 @@ def _ckks(xs: list[NDArray[np.float32]], want: NDArray[np.float64]) -> dict[str,
     }
 
 
+@contextmanager
+def _silence_native_stdout() -> Iterator[None]:
+    """TenSEAL prints a C++ warning per vector longer than N/2 (every FedShield tensor)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(devnull)
+        os.close(saved)
+
+
 def _fedshield(xs: list[NDArray[np.float32]]) -> dict[str, float]:
     context = ckks.fedshield_baseline_context()
     tensors = [[x[j : j + TENSOR] for j in range(0, x.size, TENSOR)] for x in xs]
-    t0 = time.perf_counter()
-    per_silo = [ckks.fedshield_encrypt(context, t) for t in tensors]
-    encode = (time.perf_counter() - t0) / len(xs)
+    with _silence_native_stdout():
+        t0 = time.perf_counter()
+        per_silo = [ckks.fedshield_encrypt(context, t) for t in tensors]
+        encode = (time.perf_counter() - t0) / len(xs)
     size = sum(len(c) for c in per_silo[0])
     t0 = time.perf_counter()
     agg = ckks.fedshield_aggregate(context, per_silo)
