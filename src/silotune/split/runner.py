@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import resource
 import shutil
 import tempfile
 import time
@@ -62,6 +63,11 @@ TRUNK_ADAPTER = "trunk_adapter.safetensors"
 
 
 # --------------------------------------------------------------------------- silo
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_silo(
@@ -154,13 +160,17 @@ def _train_silo(
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(out_dir / METRICS_FILE)
     clock = time.perf_counter()
+    step_seconds: list[float] = []
+    train_bytes = 0
     for step in range(t.max_steps):
-        bytes_before = session.stats.total_bytes
+        bytes_before, started = session.stats.total_bytes, time.perf_counter()
         out = train_step(model, stream, step, optimizer, scheduler, t, device, loss_fn=model.loss)
         done = step + 1
         if done % s.sync_every == 0 or done == t.max_steps:
             parts = [half.parts.head, half.parts.tail]
             names.set(parts, averager.average(done, names.get(parts), examples))
+        step_seconds.append(time.perf_counter() - started)
+        train_bytes += session.stats.total_bytes - bytes_before
         if done % t.log_every == 0 or done == t.max_steps:
             metrics.write(
                 {
@@ -177,6 +187,7 @@ def _train_silo(
             scores = evaluate(model, task, splits.validation, t.eval_batch_size, device)
             metrics.write({"step": done, "split": "validation", **scores})
     train_s = time.perf_counter() - clock
+    log.info("Silo finished %d steps in %.1f s.", t.max_steps, train_s)
     test = evaluate(model, task, splits.test, t.eval_batch_size, device) if evaluate_splits else {}
     trunk_state = link.finish()
     state = names.get([half.parts.head, half.parts.tail])
@@ -190,7 +201,9 @@ def _train_silo(
         "train_seconds": train_s,
         "examples": examples,
         "wire_bytes": session.stats.total_bytes,
-        "wire_bytes_per_step": session.stats.total_bytes / t.max_steps,
+        "wire_bytes_per_step": train_bytes / t.max_steps,  # training frames, sealed, both ways
+        "step_seconds": step_seconds,
+        "peak_rss_mb": peak_rss_mb(),
         "test": test,
         "adapter": str(out_dir / ADAPTER_DIR),
     }
@@ -284,8 +297,11 @@ def _silo_process(
     threads: int,
 ) -> None:
     """Entry point of a spawned silo process; failures go to ``out_dir/error.txt``."""
+    import warnings
+
     from silotune.config import config_from_dict
 
+    warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(threads)
     out = Path(out_dir)
     try:
