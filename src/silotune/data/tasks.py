@@ -28,8 +28,9 @@ def _prompt_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
 class ClassificationTask:
     """Classification as generation: `prompt -> " <label>"`, loss on the label tokens only.
 
-    Long prompts are truncated from the left (the template's tail, e.g. "Category:", is kept),
-    so that prompt + label fits in `max_length` tokens.
+    Long prompts are truncated from the left (the template's tail, e.g. "Category:", is kept,
+    and so are special tokens the tokenizer puts first, such as a BOS), so that prompt + label
+    fits in `max_length` tokens.
     """
 
     def __init__(
@@ -58,7 +59,13 @@ class ClassificationTask:
 
     def _join(self, text: str, label_ids: list[int]) -> Encoded:
         prompt = _prompt_ids(self.tokenizer, self.template.format(text=text))
-        prompt = prompt[-(self.max_length - len(label_ids)) :]
+        room = self.max_length - len(label_ids)  # > max_length // 2, checked in __init__
+        if len(prompt) > room:
+            special = set(self.tokenizer.all_special_ids)
+            lead = 0
+            while lead < len(prompt) and lead < room // 2 and prompt[lead] in special:
+                lead += 1
+            prompt = prompt[:lead] + prompt[len(prompt) - (room - lead) :]
         return Encoded(prompt + label_ids, [IGNORE_INDEX] * len(prompt) + label_ids)
 
     def encode(self, example: dict) -> Encoded:
