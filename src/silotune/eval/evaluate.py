@@ -14,17 +14,37 @@ from silotune.eval.metrics import accuracy, macro_f1, mean_rouge_l
 def _sequence_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of log p(target tokens) per sequence. Returns (B,)."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logp = torch.log_softmax(out.logits[:, :-1, :].float(), dim=-1)  # (B, T-1, V)
-    targets = batch["labels"][:, 1:]  # (B, T-1)
+    targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     mask = targets >= 0
-    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    return (picked * mask).sum(dim=-1)
+    # Normalise only at target positions: a full (B, T, V) log-softmax costs far more than the
+    # few label tokens that classification scores.
+    picked = out.logits[:, :-1, :][mask].float()  # (N, V)
+    logp = torch.log_softmax(picked, dim=-1).gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
+    rows = torch.arange(targets.size(0), device=targets.device).unsqueeze(1).expand_as(targets)
+    return torch.zeros(targets.size(0), device=logp.device).index_add_(0, rows[mask], logp)
 
 
 def _batches(items: list[Encoded], size: int, pad_id: int, device: torch.device):
     for start in range(0, len(items), size):
         batch = collate(items[start : start + size], pad_id)
         yield {k: v.to(device) for k, v in batch.items()}
+
+
+def _score_all(
+    model: nn.Module, items: list[Encoded], size: int, pad_id: int, device: torch.device
+) -> list[float]:
+    """Sequence log-likelihoods in input order, batching sequences of similar length together."""
+    order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
+    sorted_items = [items[i] for i in order]
+    flat = [
+        s
+        for b in _batches(sorted_items, size, pad_id, device)
+        for s in _sequence_logprobs(model, b).tolist()
+    ]
+    scores = [0.0] * len(items)
+    for position, index in enumerate(order):
+        scores[index] = flat[position]
+    return scores
 
 
 @torch.no_grad()
@@ -41,11 +61,7 @@ def evaluate_classification(
     pad_id = task.tokenizer.pad_token_id
     k = len(task.labels)
     candidates = [c for ex in examples for c in task.candidates(ex)]
-    scores = [
-        s
-        for b in _batches(candidates, batch_size, pad_id, device)
-        for s in _sequence_logprobs(model, b).tolist()
-    ]
+    scores = _score_all(model, candidates, batch_size, pad_id, device)
     preds = [
         task.labels[max(range(k), key=lambda j: scores[i * k + j])] for i in range(len(examples))
     ]
