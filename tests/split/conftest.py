@@ -80,7 +80,11 @@ def split_cfg(
             "model": model,
             "data": {"dataset": "fortunes-sample", "max_length": 64},
             "train": {**train_cfg, **(train or {})},
-            "split": {"silos": 1, "timeout_s": 60, **split},
+            "split": {
+                "silos": 1,
+                "timeout_s": 60,
+                **{k: str(v) if isinstance(v, Path) else v for k, v in split.items()},
+            },
         }
     )
 

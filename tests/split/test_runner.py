@@ -1,0 +1,101 @@
+"""`silotune serve` / `silotune join` across threads, and `silotune train` with mode split."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from silotune.errors import ConfigError
+from silotune.eval.evaluate import evaluate
+from silotune.models.loading import load_model
+from silotune.split import runner
+from silotune.train.dispatch import run_job
+from silotune.train.trainer import build_job
+from tests.split.conftest import run_threads, split_cfg
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_serve_and_join_train_and_save_a_complete_adapter(keys_dir, tls_dir, tmp_path):
+    address = f"127.0.0.1:{_free_port()}"
+    common = {"address": address, "keys_dir": keys_dir, "tls_dir": tls_dir, "silos": 2}
+    coordinator = split_cfg(train={"max_steps": 2}, **common)
+    coordinator.output_dir = tmp_path / "coordinator"
+    silos = []
+    for i in range(2):
+        cfg = split_cfg(train={"max_steps": 2}, **common)
+        cfg.output_dir = tmp_path / f"silo-{i}"
+        silos.append(cfg)
+    results = {}
+
+    def serve():
+        results["coordinator"] = runner.serve(coordinator)
+
+    def join(i):
+        return lambda: results.setdefault(i, runner.join(silos[i], f"silo-{i}", shard=i))
+
+    errors = run_threads(serve, join(0), join(1), timeout=300)
+    assert errors == [None, None, None], errors
+    summary = results["coordinator"]
+    assert summary["trunk_steps"] == 2
+    assert sorted(s["outcome"] for s in summary["sessions"]) == ["finished", "finished"]
+    trunk = load_file(tmp_path / "coordinator" / "trunk_adapter.safetensors")
+    adapter = load_file(tmp_path / "silo-0" / "adapter" / "adapter_model.safetensors")
+    assert trunk.keys() < adapter.keys()
+    for name, tensor in trunk.items():
+        assert torch.equal(adapter[name], tensor), name
+    assert 0.0 <= results[0]["test"]["accuracy"] <= 1.0
+
+
+def test_join_without_keys_names_the_missing_key(tmp_path):
+    cfg = split_cfg()
+    cfg.output_dir = tmp_path / "silo"
+    with pytest.raises(ConfigError, match="split.keys_dir is not set"):
+        runner.join(cfg, "silo-0")
+
+
+def test_split_mode_rejects_prefix_adapters_and_resume(tmp_path):
+    cfg = split_cfg()
+    cfg.adapter.type = "prefix"
+    with pytest.raises(ConfigError, match="adapter.type: lora"):
+        run_job(cfg)
+    with pytest.raises(ConfigError, match="--resume"):
+        run_job(split_cfg(), resume=True)
+
+
+@pytest.mark.slow
+def test_train_mode_split_runs_silos_as_processes(tmp_path):
+    cfg = split_cfg(
+        train={"max_steps": 4, "eval_every": 2, "log_every": 2},
+        silos=2,
+        server_mode="client-batching",
+        sync_every=2,
+    )
+    cfg.output_dir = tmp_path / "run"
+    summary = run_job(cfg, progress=False)
+    assert summary["split"]["failed_silos"] == []
+    assert summary["split"]["trunk_steps"] == 4
+    lines = [json.loads(x) for x in (cfg.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {(r["silo"], r["split"]) for r in lines} >= {
+        ("silo-0", "train"),
+        ("silo-1", "train"),
+        ("silo-0", "validation"),
+        ("silo-0", "test"),
+    }
+    # The saved adapter is a complete PEFT adapter: loaded onto the whole base model it scores
+    # what the split pipeline scored.
+    base = load_model("tiny-llama").model
+    model = PeftModel.from_pretrained(base, cfg.output_dir / "adapter")
+    job = build_job(cfg.model_copy(update={"mode": "centralized"}))
+    scores = evaluate(model, job.task, job.splits.test, 16, torch.device("cpu"))
+    assert scores["accuracy"] == pytest.approx(summary["test"]["accuracy"])
+    assert (cfg.output_dir / "summary.json").is_file()
