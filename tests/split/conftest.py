@@ -143,6 +143,7 @@ def trunk_server(
         def connect_fn(name: str) -> Any:
             return connect(server.target, tls=client_tls, client_id=name, timeout=20)
 
+    service.target = getattr(server, "target", "")  # type: ignore[attr-defined]
     try:
         yield service, connect_fn
     finally:

@@ -135,3 +135,42 @@ def test_silo_vanishing_mid_step_leaves_the_others_training(mode, keys_dir, tls_
     assert record["silo-1"].outcome == "vanished" and record["silo-1"].steps == 1
     assert record["silo-0"].outcome == "finished" and record["silo-0"].steps == steps
     assert all(torch.isfinite(t).all() for t in trunk.values())
+
+
+@pytest.mark.slow
+def test_killed_silo_process_leaves_the_others_training(keys_dir, tls_dir, tmp_path):
+    """SIGKILL a silo process in the middle of training; the silo in this process finishes."""
+    import multiprocessing
+    import time
+
+    from silotune.split.runner import _silo_process, run_silo
+
+    cfg = split_cfg(train={"max_steps": 8}, silos=2, server_mode="client-batching")
+    cfg.split.keys_dir, cfg.split.tls_dir = keys_dir, tls_dir
+    with trunk_server(cfg, keys_dir, tls_dir) as (service, _):
+        target = service.target
+        args = (cfg.model_dump(mode="json"), "silo-1", 1, target, str(tmp_path / "s1"), False, 1)
+        victim = multiprocessing.get_context("spawn").Process(target=_silo_process, args=args)
+        victim.start()
+        summary = {}
+
+        def stay():
+            summary.update(run_silo(cfg, "silo-0", tmp_path / "s0", target=target, shard=0,
+                                    evaluate_splits=False))  # fmt: skip
+
+        def kill_after_first_step():
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                if any(r.silo == "silo-1" and r.steps >= 1 for r in service.records):
+                    break
+                time.sleep(0.01)
+            victim.kill()
+            victim.join(10)
+
+        errors = run_threads(stay, kill_after_first_step, timeout=300)
+    assert errors == [None, None], errors
+    assert victim.exitcode == -9
+    record = {r.silo: r for r in service.records}
+    assert record["silo-1"].outcome == "vanished" and 1 <= record["silo-1"].steps < 8
+    assert record["silo-0"].outcome == "finished" and record["silo-0"].steps == 8
+    assert summary["steps"] == 8
