@@ -80,3 +80,22 @@ def load_silo_keys(folder: Path | None, silo_name: str) -> tuple[IdentityKey, Pu
         raise ConfigError(f"split.keys_dir: {exc.filename} is missing") from None
     except CryptoError as exc:
         raise ConfigError(f"split.keys_dir: {exc}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m silotune.split.keys --out DIR silo-0 silo-1 ...``: write a job's identity keys."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--out", type=Path, required=True, help="new or empty folder")
+    parser.add_argument("silos", nargs="+", help="silo names to enroll")
+    args = parser.parse_args(argv)
+    if args.out.exists() and any(args.out.iterdir()):
+        parser.error(f"{args.out} is not empty; keys are never overwritten")
+    write_job_keys(args.out, args.silos)
+    sys.stderr.write(f"wrote coordinator and {len(args.silos)} silo identities to {args.out}\n")
+
+
+if __name__ == "__main__":
+    main()
