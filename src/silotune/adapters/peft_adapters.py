@@ -15,6 +15,7 @@ from peft import (
     get_peft_model_state_dict,
     set_peft_model_state_dict,
 )
+from peft.utils import _prepare_prompt_learning_config
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
@@ -122,13 +123,29 @@ def read_adapter_dir(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def load_adapter(base: PreTrainedModel, adapter_dir: Path, trainable: bool = False) -> PeftModel:
     """Load a saved adapter onto `base` (checked first, so a corrupt folder fails clearly)."""
-    read_adapter_dir(adapter_dir)
+    config, _ = read_adapter_dir(adapter_dir)
+    if config.get("peft_type") == "PREFIX_TUNING":
+        _check_prefix_fits(base, config, adapter_dir)
     try:
         return PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable)
     except (RuntimeError, KeyError, ValueError) as err:  # wrong base model or adapter shape
         raise CheckpointError(
             f"adapter {adapter_dir} does not fit the base model: {_first_line(err)}"
         ) from None
+
+
+def _check_prefix_fits(base: PreTrainedModel, saved: dict, adapter_dir: Path) -> None:
+    """A prefix's shape comes from its saved config, so PEFT would load one made for another
+    model and fail (or worse) only at the first forward pass; compare the shapes up front."""
+    want = _prepare_prompt_learning_config(
+        PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=1), base.config
+    )
+    for key in ("num_layers", "token_dim", "num_attention_heads"):
+        if saved.get(key) != getattr(want, key):
+            raise CheckpointError(
+                f"adapter {adapter_dir} does not fit the base model: its prefix has {key} "
+                f"{saved.get(key)}, the model needs {getattr(want, key)}"
+            )
 
 
 def _first_line(err: BaseException) -> str:
