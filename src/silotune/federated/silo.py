@@ -12,6 +12,7 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from numpy.typing import NDArray
 
-from silotune.config import JobConfig
+from silotune.config import JobConfig, load_config
 from silotune.crypto import ckks, masking
 from silotune.data.partition import partition_dirichlet, partition_iid
 from silotune.errors import ConfigError
@@ -366,13 +367,35 @@ def _masking(cfg: JobConfig, action: str, message: Message, context: Context) ->
     return records({"reveal": to_array(reveal)})
 
 
-def make_client_app(cfg: JobConfig, mods: list[Any] | None = None) -> ClientApp:
-    """The ClientApp for `cfg`; every stage is registered as ``train.<action>``."""
+_CONFIGS: dict[tuple[str, float], JobConfig] = {}
+
+
+def node_job_config(context: Context) -> JobConfig:
+    """The silo's own job config: node-config ``config`` (a YAML path), else run-config ``config``."""
+    raw = context.node_config.get("config") or context.run_config.get("config")
+    if not raw:
+        raise ConfigError(
+            "this SuperNode has no job config: start it with --node-config "
+            "\"partition-id=0 config='/path/job.yaml'\""
+        )
+    path = Path(str(raw)).expanduser()
+    key = (str(path), path.stat().st_mtime if path.exists() else 0.0)
+    if key not in _CONFIGS:
+        _CONFIGS[key] = load_config(path)
+    return _CONFIGS[key]
+
+
+def make_client_app(cfg: JobConfig | None, mods: list[Any] | None = None) -> ClientApp:
+    """The ClientApp; every stage is registered as ``train.<action>``.
+
+    With `cfg` None each silo reads its own job config from its node config (deployment).
+    """
     app = ClientApp(mods=mods or [])
     for action in ACTIONS:
 
         def stage(message: Message, context: Context, action: str = action) -> Message:
-            return Message(handle(cfg, action, message, context), reply_to=message)
+            job_cfg = cfg if cfg is not None else node_job_config(context)
+            return Message(handle(job_cfg, action, message, context), reply_to=message)
 
         app.train(action)(stage)
     return app
