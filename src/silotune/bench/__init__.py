@@ -16,6 +16,7 @@ from silotune.errors import ConfigError
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "finetune": ("LoRA fine-tuning vs the untuned model (smollm2-135m on fortunes)", "silotune.bench.finetune"),
     "secagg": ("secure aggregation of a 4.2M-parameter LoRA update, 4 silos: plain, masking, ckks, FedShield CKKS", "silotune.bench.secagg"),
+    "federated": ("federated (none/masking/ckks, IID and Dirichlet) vs centralized accuracy, 3 silos", "silotune.bench.federated"),
     "split": ("split training over gRPC+TLS+AEAD vs centralized (step time, bytes, RSS)", "silotune.bench.split"),
 }
 

@@ -1,0 +1,115 @@
+"""`silotune bench federated`: federated vs centralized accuracy, and secure vs plain aggregation.
+
+Same model, data, adapter and optimizer settings in every row. Federated rows run 3 silos on
+Flower's simulation engine for `rounds` rounds of `local_steps` steps each; the centralized row
+runs ``silos * rounds * local_steps`` steps, i.e. it sees as many training batches as all silos
+together. Rows: centralized; federated with ``none``, ``masking`` and ``ckks`` aggregation, each on
+an IID split and on a Dirichlet(0.5) label-skewed split.
+
+Full: smollm2-135m on Debian fortunes (6 classes), LoRA r=8 on q,v, lr 1e-3, batch 8, 5 rounds of
+20 local steps. Quick: the random tiny-llama on the bundled fortunes-sample (it barely learns;
+the quick run checks that secure aggregation gives the same accuracy as plain aggregation).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from silotune.config import config_from_dict
+from silotune.train.dispatch import run_job
+
+SILOS = 3
+
+
+def base_job(quick: bool) -> dict[str, Any]:
+    """Model, data and optimisation shared by every row."""
+    if quick:
+        return {
+            "model": "tiny-llama",
+            "adapter": {"type": "lora", "r": 8},
+            "data": {"dataset": "fortunes-sample", "task": "classification"},
+            "train": {"batch_size": 8, "lr": 5e-3, "seed": 0, "eval_batch_size": 32},
+            "federation": {"rounds": 5, "local_steps": 10},
+        }
+    return {
+        "model": "smollm2-135m",
+        "adapter": {"type": "lora", "r": 8, "target_modules": ["q_proj", "v_proj"]},
+        "data": {"dataset": "fortunes", "task": "classification", "max_length": 160},
+        "train": {"batch_size": 8, "lr": 1e-3, "seed": 0, "eval_batch_size": 16},
+        "federation": {"rounds": 5, "local_steps": 20},
+    }
+
+
+def rows(quick: bool) -> list[tuple[str, dict[str, Any]]]:
+    """(name, job dict) of every row, centralized first."""
+    base = base_job(quick)
+    fed = base.pop("federation")
+    steps = SILOS * fed["rounds"] * fed["local_steps"]
+    out = [
+        (
+            "centralized",
+            {
+                **base,
+                "mode": "centralized",
+                "train": {**base["train"], "max_steps": steps, "eval_every": steps},
+            },
+        )
+    ]
+    for partition in ("iid", "dirichlet"):
+        for secagg in ("none", "masking", "ckks"):
+            federation = {
+                **fed,
+                "silos": SILOS,
+                "min_silos": 2,
+                "partition": partition,
+                "alpha": 0.5,
+                "secure_aggregation": secagg,
+                "eval_every": fed["rounds"],
+            }
+            out.append(
+                (
+                    f"federated {partition} {secagg}",
+                    {**base, "mode": "federated", "federation": federation},
+                )
+            )
+    return out
+
+
+def run(quick: bool, console: Console) -> dict[str, Any]:
+    """Train every row, print the table, return the JSON object."""
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="silotune-bench-fed-") as tmp:
+        for name, job in rows(quick):
+            console.log(f"federated bench: {name}")
+            cfg = config_from_dict({**job, "output_dir": str(Path(tmp) / name.replace(" ", "-"))})
+            clock = time.perf_counter()
+            summary = run_job(cfg, progress=False)
+            results[name] = {
+                "accuracy": summary["test"]["accuracy"],
+                "macro_f1": summary["test"]["macro_f1"],
+                "wall_s": time.perf_counter() - clock,
+            }
+    model = base_job(quick)["model"]
+    table = Table(title=f"bench federated: {model}, {SILOS} silos vs centralized")
+    for col in ("run", "test accuracy", "macro-F1", "wall s"):
+        table.add_column(col, justify="left" if col == "run" else "right")
+    for name, r in results.items():
+        table.add_row(name, f"{r['accuracy']:.3f}", f"{r['macro_f1']:.3f}", f"{r['wall_s']:.0f}")
+    console.print(table)
+    gaps = {
+        f"{p} {m}": 100
+        * (results[f"federated {p} {m}"]["accuracy"] - results[f"federated {p} none"]["accuracy"])
+        for p in ("iid", "dirichlet")
+        for m in ("masking", "ckks")
+    }
+    console.print(
+        "accuracy points vs plain aggregation: "
+        + ", ".join(f"{k} {v:+.1f}" for k, v in gaps.items())
+    )
+    return {"bench": "federated", "model": model, "silos": SILOS, "results": results}
