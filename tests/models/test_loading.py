@@ -62,6 +62,8 @@ def test_export_refuses_a_non_empty_folder(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="not empty"):
         export_model("tiny-llama", tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+    with pytest.raises(ModelError, match="is a file"):
+        export_model("tiny-llama", tmp_path / "keep.txt")
 
 
 def fortunes_batches(tokenizer) -> BatchStream:  # noqa: ANN001 - any HF tokenizer

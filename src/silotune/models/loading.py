@@ -145,6 +145,8 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", seed: int =
 
 def export_model(name: str, out_dir: Path, seed: int = 0) -> Path:
     """Write a preset (or folder) as a standard HF folder that `from_pretrained` loads."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ModelError(f"output folder {out_dir} is a file; choose a folder")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ModelError(f"output folder {out_dir} is not empty; choose another or empty it")
     loaded = load_model(name, device="cpu", dtype="float32", seed=seed)
