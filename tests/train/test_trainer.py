@@ -207,6 +207,16 @@ def test_resume_with_a_changed_key_is_refused_naming_it(
         train_centralized(changed, resume=True, progress=False)
 
 
+def test_resume_ignores_sections_a_centralized_run_does_not_read(
+    finished_run: tuple[Path, JobConfig], tmp_path: Path
+) -> None:
+    cfg = copy_run(finished_run, tmp_path / "run")
+    data = cfg.model_dump(mode="json")
+    tweaked = config_from_dict(data, ["federation.rounds=9", "split.silos=3"])
+    summary = train_centralized(tweaked, resume=True, progress=False)
+    assert summary["steps"] == 4
+
+
 def test_resume_refusals(finished_run: tuple[Path, JobConfig], tmp_path: Path) -> None:
     cfg = copy_run(finished_run, tmp_path / "run")
     with pytest.raises(ConfigError, match="contradict"):

@@ -91,7 +91,12 @@ def check_output_dir(cfg: JobConfig, resume: bool, overwrite: bool) -> None:
             raise CheckpointError(f"--resume: {out} holds no checkpoint to resume from")
         saved = _flatten(load_config(out / CONFIG_FILE).model_dump(mode="json"))
         now = _flatten(cfg.model_dump(mode="json"))
-        changed = sorted(k for k in now if saved.get(k) != now[k] and k not in RESUMABLE_CHANGES)
+        unused = ("federation.", "split.")  # sections a centralized run never reads
+        changed = sorted(
+            k
+            for k in now
+            if saved.get(k) != now[k] and k not in RESUMABLE_CHANGES and not k.startswith(unused)
+        )
         if changed:
             raise ConfigError(
                 f"--resume: the config differs from the run in {out} at {', '.join(changed)}; "
