@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import gc
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,7 +75,7 @@ class PartState:
         The parts whose trainable parameters this object covers.
     """
 
-    def __init__(self, model: PeftModel, parts: list[nn.Module]) -> None:
+    def __init__(self, model: PeftModel, parts: Sequence[nn.Module]) -> None:
         full = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
         adapter = f".{model.active_adapter}."
         self.names: list[tuple[int, str, str]] = []  # (part index, local name, PEFT name)
@@ -85,12 +85,12 @@ class PartState:
                     peft_name = full[id(param)].replace(adapter, ".")
                     self.names.append((index, local, peft_name))
 
-    def get(self, parts: list[nn.Module]) -> dict[str, torch.Tensor]:
+    def get(self, parts: Sequence[nn.Module]) -> dict[str, torch.Tensor]:
         """Detached CPU copies of the parts' trainable tensors, by PEFT name."""
         params = [dict(part.named_parameters()) for part in parts]
         return {peft: params[i][local].detach().cpu().clone() for i, local, peft in self.names}
 
-    def set(self, parts: list[nn.Module], state: Mapping[str, torch.Tensor]) -> None:
+    def set(self, parts: Sequence[nn.Module], state: Mapping[str, torch.Tensor]) -> None:
         """Copy ``state`` (PEFT names) into the parts; every covered name must be present."""
         params = [dict(part.named_parameters()) for part in parts]
         missing = [peft for _, _, peft in self.names if peft not in state]

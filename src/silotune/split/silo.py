@@ -165,7 +165,7 @@ class _RemoteTrunk(torch.autograd.Function):
     """Autograd across the network: forward and backward of the trunk run on the coordinator."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, hidden: torch.Tensor, anchor: torch.Tensor, link: TrunkLink, mask: torch.Tensor
     ) -> torch.Tensor:
         ctx.link = link

@@ -197,7 +197,7 @@ class TrunkService:
 
     def _serve(self, session: FrameSession, record: SessionRecord) -> None:
         name, engine = record.silo, self.engine
-        wire = {"activation_dtype": self.activation_dtype}
+        wire = self.activation_dtype
         while True:
             frame = session.recv(self.timeout)
             if frame.kind == KIND_FORWARD:
@@ -206,12 +206,14 @@ class TrunkService:
                     out = engine.forward(name, hidden, mask)
                 else:
                     out = engine.evaluate(name, hidden, mask)
-                session.send(KIND_FORWARD, frame.step, {"hidden": out}, **wire)
+                session.send(KIND_FORWARD, frame.step, {"hidden": out}, activation_dtype=wire)
             elif frame.kind == KIND_BACKWARD:
                 grad = _check_grad(frame, self.hidden_size)
                 grad_in, sq = engine.backward(name, grad, bool(frame.meta.get("last", False)))
                 meta = {"trunk_sq": sq}
-                session.send(KIND_BACKWARD, frame.step, {"grad": grad_in}, meta, **wire)
+                session.send(
+                    KIND_BACKWARD, frame.step, {"grad": grad_in}, meta, activation_dtype=wire
+                )
             elif frame.kind == KIND_COMMIT:
                 engine.commit(name, _number(frame.meta, "coef", 0.0, 1.0))
                 record.steps += 1
