@@ -215,7 +215,6 @@ def test_tampered_secret_context_is_rejected(tmp_path: Path, caplog) -> None:
     assert "HE secret context from the key leader failed authentication" in caplog.text
 
 
-@pytest.mark.slow
 def test_restarted_coordinator_resumes_from_the_last_round(tmp_path: Path) -> None:
     full = make_cfg(tmp_path, "full", rounds=2)
     run_in_process(full)
@@ -271,3 +270,31 @@ def test_dp_reports_epsilon_and_changes_the_update(tmp_path: Path, plain) -> Non
     assert summary["dp"]["epsilon"] == pytest.approx(eps)
     assert summary["dp"]["noise_multiplier"] == 1.2
     assert np.abs(adapter(cfg) - want).max() > 1e-3
+
+
+def test_deployment_app_reads_each_silo_config_from_its_node_config(tmp_path: Path) -> None:
+    from flwr.app import RecordDict
+
+    from silotune.config import dump_config
+    from silotune.federated.coordinator import Coordinator
+    from silotune.federated.silo import make_client_app
+    from silotune.train.trainer import prepare_output_dir
+    from tests.federated.harness import InProcessGrid, flower_identity
+
+    cfg = make_cfg(tmp_path, "deploy", secure_aggregation="masking")
+    path = tmp_path / "silo.yaml"
+    path.write_text(dump_config(cfg))
+    grid = InProcessGrid(make_client_app(None), 3)
+    for node, context in grid.contexts.items():
+        p = node - 1000
+        context.node_config = {"partition-id": p, "config": str(path)}
+        context.state = RecordDict()
+    prepare_output_dir(cfg, resume=False, overwrite=True)
+    with flower_identity():
+        Coordinator(cfg, grid, resume=False, progress=False).run()  # type: ignore[arg-type]
+    assert (cfg.output_dir / "summary.json").is_file()
+    bare_cfg = make_cfg(tmp_path, "bare", silos=2)
+    prepare_output_dir(bare_cfg, resume=False, overwrite=True)
+    bare = InProcessGrid(make_client_app(None), 2)  # SuperNodes started without a job config
+    with flower_identity(), pytest.raises(FederationError, match=r"only 0 silo\(s\) completed"):
+        Coordinator(bare_cfg, bare, resume=False, progress=False).run()  # type: ignore[arg-type]
