@@ -25,6 +25,7 @@ from silotune.errors import SilotuneError
 from silotune.split.frames import (
     KIND_ERROR,
     Frame,
+    FrameError,
     FrameLimits,
     decode_frame,
     encode_frame,
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 
 HANDSHAKE_CONTEXT = b"silotune/split/v1"  # both sides must use it; binds the keys to this protocol
 MAX_FRAME_BYTES = 256 * 2**20
+TENSORS_PER_FRAME = 48  # adapter states travel in several frames, each well inside the limits
+MAX_STATE_FRAMES = 1024
 
 
 class SplitError(SilotuneError):
@@ -138,6 +141,45 @@ class FrameSession:
             message = frame.meta.get("message", "no reason given")
             raise SplitError(f"{self.peer_name} gave up: {message}")
         return frame
+
+    def send_state(
+        self,
+        kind: str,
+        step: int,
+        tensors: Mapping[str, torch.Tensor],
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Send a named tensor state (an adapter) as ``parts`` frames of at most 48 tensors."""
+        names = sorted(tensors)
+        groups = [names[i : i + TENSORS_PER_FRAME] for i in range(0, len(names), TENSORS_PER_FRAME)]
+        groups = groups or [[]]
+        for index, group in enumerate(groups):
+            part_meta = {**(meta or {}), "part": index, "parts": len(groups)}
+            self.send(kind, step, {name: tensors[name] for name in group}, part_meta)
+
+    def recv_state(self, first: Frame, timeout: float | None = None) -> dict[str, torch.Tensor]:
+        """Collect a state sent with :meth:`send_state` whose first frame is ``first``."""
+        parts = first.meta.get("parts")
+        if (
+            first.meta.get("part") != 0
+            or isinstance(parts, bool)
+            or not isinstance(parts, int)
+            or not 1 <= parts <= MAX_STATE_FRAMES
+        ):
+            raise FrameError(
+                f"a '{first.kind}' state must start with part 0 of 1..{MAX_STATE_FRAMES} parts"
+            )
+        state = dict(first.tensors)
+        for index in range(1, parts):
+            frame = self.recv(timeout)
+            if frame.kind != first.kind or frame.meta.get("part") != index:
+                raise FrameError(
+                    f"expected part {index} of a '{first.kind}' state, got a '{frame.kind}' frame"
+                )
+            if state.keys() & frame.tensors.keys():
+                raise FrameError(f"part {index} of a '{first.kind}' state repeats tensors")
+            state.update(frame.tensors)
+        return state
 
     def send_error(self, message: str) -> None:
         """Tell the peer why this side gives up; never raises (the peer may be gone)."""

@@ -149,8 +149,8 @@ class TrunkLink:
 
     def sync(self, state: Mapping[str, torch.Tensor], examples: int) -> dict[str, torch.Tensor]:
         """Send this silo's adapter tensors; return the average over the live silos."""
-        self.session.send(KIND_SYNC, self.step, dict(state), {"examples": examples})
-        averaged = dict(self._expect(KIND_SYNC).tensors)
+        self.session.send_state(KIND_SYNC, self.step, state, {"examples": examples})
+        averaged = self.session.recv_state(self._expect(KIND_SYNC), self.timeout)
         if set(averaged) != set(state):
             raise FrameError("the averaged adapter does not hold this silo's tensors")
         return averaged
@@ -158,7 +158,7 @@ class TrunkLink:
     def finish(self) -> dict[str, torch.Tensor]:
         """Say goodbye; returns the trunk adapter (once every silo has finished)."""
         self.session.send(KIND_BYE, self.step)
-        return dict(self._expect(KIND_BYE).tensors)
+        return self.session.recv_state(self._expect(KIND_BYE), self.timeout)
 
 
 class _RemoteTrunk(torch.autograd.Function):

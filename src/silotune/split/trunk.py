@@ -219,10 +219,11 @@ class TrunkService:
                 record.steps += 1
             elif frame.kind == KIND_SYNC:
                 examples = int(_number(frame.meta, "examples", 1, 2**40))
-                averaged = engine.sync(name, frame.tensors, examples)
-                session.send(KIND_SYNC, frame.step, averaged)
+                state = session.recv_state(frame, self.timeout)
+                averaged = engine.sync(name, state, examples)
+                session.send_state(KIND_SYNC, frame.step, averaged)
             elif frame.kind == KIND_BYE:
-                session.send(KIND_BYE, frame.step, engine.finish(name))
+                session.send_state(KIND_BYE, frame.step, engine.finish(name))
                 record.outcome = "finished"
                 log.info("Silo %s finished after %d steps.", name, record.steps)
                 return
