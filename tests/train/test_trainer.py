@@ -164,6 +164,7 @@ def test_corrupt_checkpoint_is_one_clear_error_and_damages_nothing(
         train_centralized(cfg, resume=True, progress=False)
     message = str(info.value)
     assert expected in message and "step-00000004" in message and "\n" not in message
+    assert message.endswith("to resume from step-00000002 instead, delete step-00000004")
     assert digests(cfg.output_dir) == before
 
 

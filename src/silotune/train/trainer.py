@@ -22,7 +22,12 @@ from silotune.data.tasks import ClassificationTask, LanguageModelingTask, make_t
 from silotune.errors import CheckpointError, ConfigError
 from silotune.eval.evaluate import evaluate
 from silotune.models.loading import load_model
-from silotune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from silotune.train.checkpoint import (
+    checkpoint_dirs,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from silotune.train.loop import BatchStream, make_optimizer, make_scheduler, train_step
 
 log = logging.getLogger(__name__)
@@ -214,8 +219,13 @@ def _train(
     start = 0
     if resume:
         ckpt = latest_checkpoint(cfg.output_dir)
-        assert ckpt is not None  # checked in prepare_output_dir
-        start = load_checkpoint(ckpt, job.model, optimizer, scheduler)["step"]
+        assert ckpt is not None  # checked in check_output_dir
+        try:
+            start = load_checkpoint(ckpt, job.model, optimizer, scheduler)["step"]
+        except CheckpointError as err:
+            older = checkpoint_dirs(cfg.output_dir)[:-1]
+            hint = f"; to resume from {older[-1].name} instead, delete {ckpt.name}" if older else ""
+            raise CheckpointError(f"{err}{hint}") from None
         if start > t.max_steps:
             raise ConfigError(
                 f"--resume: the checkpoint is at step {start}, past train.max_steps {t.max_steps}"
