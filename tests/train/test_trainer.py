@@ -72,38 +72,51 @@ RESUME_BASE = (
 )
 
 
-@pytest.mark.parametrize("grad_accum", [1, 2])
+@pytest.mark.parametrize(
+    ("extra", "extend"),
+    [
+        (("train.grad_accum=1",), True),
+        # a decaying schedule with warm-up: the scheduler state must come back too (max_steps
+        # cannot change under it, so only the interrupted variant applies)
+        (("train.grad_accum=2", "train.scheduler=cosine", "train.warmup_steps=3"), False),
+    ],
+    ids=["accum1-constant", "accum2-cosine"],
+)
 def test_stopped_and_resumed_run_ends_with_the_same_adapter(
-    make_job: MakeJob, tmp_path: Path, grad_accum: int
+    make_job: MakeJob, tmp_path: Path, extra: tuple[str, ...], extend: bool
 ) -> None:
-    extra = f"train.grad_accum={grad_accum}"
-    full = make_job(*RESUME_BASE, extra, output_dir=tmp_path / "full")
+    full = make_job(*RESUME_BASE, *extra, output_dir=tmp_path / "full")
     train_centralized(full, progress=False)
+    resumed = ["cut"]
 
-    # (a) run 10 of 20 steps, then resume with max_steps raised to 20
-    part = make_job(*RESUME_BASE, extra, "train.max_steps=10", output_dir=tmp_path / "part")
-    train_centralized(part, progress=False)
-    assert (tmp_path / "part" / "summary.json").is_file()
-    train_centralized(make_job(*RESUME_BASE, extra, output_dir=tmp_path / "part"), resume=True)
-    # (b) interrupt during step 10's evaluation (before its checkpoint), resume from step 5
-    cut = make_job(*RESUME_BASE, extra, output_dir=tmp_path / "cut")
+    if extend:  # (a) run 10 of 20 steps, then resume with max_steps raised to 20
+        part = make_job(*RESUME_BASE, *extra, "train.max_steps=10", output_dir=tmp_path / "part")
+        train_centralized(part, progress=False)
+        assert (tmp_path / "part" / "summary.json").is_file()
+        again = make_job(*RESUME_BASE, *extra, output_dir=tmp_path / "part")
+        train_centralized(again, resume=True, progress=False)
+        resumed.append("part")
+    # (b) interrupt during step 15's evaluation (before its checkpoint): resume from step 10,
+    # and the metrics of steps 11-15 written before the interruption must not be duplicated
+    cut = make_job(*RESUME_BASE, *extra, output_dir=tmp_path / "cut")
     with pytest.raises(Interrupt):
-        train_centralized(cut, progress=False, on_eval=interrupt_at(10))
-    assert latest_checkpoint(tmp_path / "cut").name == "step-00000005"
+        train_centralized(cut, progress=False, on_eval=interrupt_at(15))
+    assert latest_checkpoint(tmp_path / "cut").name == "step-00000010"
+    assert (15, "validation") in steps_and_splits(metrics(tmp_path / "cut"))
     train_centralized(cut, resume=True, progress=False)
 
     want = metrics(tmp_path / "full")
-    for name in ("part", "cut"):
+    assert [r["step"] for r in want if r["split"] == "train"] == [5, 10, 15, 20]
+    for name in resumed:
         assert (
             max_diff(adapter_tensors(tmp_path / name), adapter_tensors(tmp_path / "full")) <= 1e-6
         )
         got = metrics(tmp_path / name)
         assert steps_and_splits(got) == steps_and_splits(want)  # no duplicated steps
         for g, w in zip(got, want, strict=True):
-            for key in ("loss", "accuracy", "macro_f1"):
+            for key in ("loss", "lr", "accuracy", "macro_f1"):
                 if key in w:
                     assert g[key] == pytest.approx(w[key], abs=1e-6)
-    assert [r["step"] for r in want if r["split"] == "train"] == [5, 10, 15, 20]
 
 
 def test_same_seed_same_adapter_different_seed_different(make_job: MakeJob, tmp_path: Path) -> None:
