@@ -17,6 +17,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from silotune.config import JobConfig
 from silotune.federated.coordinator import Coordinator
+from silotune.federated.pinning import simulation_trust
 from silotune.federated.silo import make_client_app
 from silotune.train.trainer import prepare_output_dir
 
@@ -90,7 +91,8 @@ def run_in_process(
 ) -> tuple[dict[str, Any], Coordinator, InProcessGrid]:
     """Run a whole federated job in this process; returns (summary, coordinator, grid)."""
     prepare_output_dir(cfg, resume, overwrite and not resume)
-    grid = InProcessGrid(make_client_app(cfg, mods), cfg.federation.silos, tamper)
+    trust = simulation_trust(cfg.federation.silos)
+    grid = InProcessGrid(make_client_app(cfg, mods, trust), cfg.federation.silos, tamper)
     with flower_identity():
         coordinator = Coordinator(cfg, grid, resume=resume, progress=False)  # type: ignore[arg-type]
         summary = coordinator.run()

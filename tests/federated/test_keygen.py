@@ -14,6 +14,7 @@ from silotune.cli import app
 from silotune.crypto.identity import IdentityKey, PublicIdentity
 from silotune.errors import ConfigError
 from silotune.federated.keygen import generate
+from silotune.federated.pinning import SiloTrust
 from silotune.transport.tls import load_tls_material
 
 
@@ -36,6 +37,8 @@ def test_keygen_writes_usable_tls_and_supernode_keys(tmp_path: Path) -> None:
             assert stat.S_IMODE((silo / secret).stat().st_mode) == 0o600
         identity = IdentityKey.load(silo / "identity.pem")
         assert PublicIdentity.load(silo / "identity.pub") == identity.public
+        trust = SiloTrust.from_files(str(silo / "identity.pem"), str(silo / "enrollment.json"))
+        assert trust.name == f"silo-{k}"
 
 
 def test_keygen_refuses_to_overwrite(tmp_path: Path) -> None:

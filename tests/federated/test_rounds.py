@@ -298,3 +298,30 @@ def test_deployment_app_reads_each_silo_config_from_its_node_config(tmp_path: Pa
     bare = InProcessGrid(make_client_app(None), 2)  # SuperNodes started without a job config
     with flower_identity(), pytest.raises(FederationError, match=r"only 0 silo\(s\) completed"):
         Coordinator(bare_cfg, bare, resume=False, progress=False).run()  # type: ignore[arg-type]
+
+
+def test_substituted_transport_key_is_detected(tmp_path: Path, caplog) -> None:
+    from silotune.federated.sealing import new_transport_key, public_bytes
+
+    def substitute(message_type: str, node: int, content) -> None:
+        if message_type == "train.mask_setup" and node == 1000:
+            fake = public_bytes(new_transport_key())  # the coordinator's own key
+            content.array_records["arrays"]["transport_pk"] = silo.to_array(fake)
+
+    cfg = make_cfg(tmp_path, "mitm", secure_aggregation="masking")
+    with caplog.at_level(logging.WARNING), pytest.raises(FederationError, match="share_keys"):
+        run_in_process(cfg, tamper=substitute)
+    assert "not signed by enrolled silo 'silo-0' (substituted by the coordinator?)" in caplog.text
+
+
+def test_substituted_key_never_receives_the_he_secret(tmp_path: Path) -> None:
+    from silotune.federated.sealing import new_transport_key, public_bytes
+
+    def substitute(message_type: str, node: int, content) -> None:
+        if message_type == "train.hello" and node == 1002:
+            fake = public_bytes(new_transport_key())
+            content.array_records["arrays"]["transport_pk"] = silo.to_array(fake)
+
+    cfg = make_cfg(tmp_path, "mitm-he", secure_aggregation="ckks")
+    with pytest.raises(FederationError, match="key leader failed .*not signed by enrolled silo"):
+        run_in_process(cfg, tamper=substitute)

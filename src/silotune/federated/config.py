@@ -89,6 +89,16 @@ class FederationConfig(_Strict):
         description="masking/ckks: each pre-weighted update value is clipped to [-clip, clip] "
         "before fixed-point encoding (smaller = finer quantisation)",
     )
+    identity_key: str | None = Field(
+        None,
+        description="deployment: this silo's Ed25519 identity key (PEM, from silotune keygen); "
+        "signs its transport key",
+    )
+    enrollment: str | None = Field(
+        None,
+        description="deployment: JSON enrollment of every silo's public identity; peers' "
+        "transport keys must be signed by an enrolled silo",
+    )
     eval_every: int = Field(1, gt=0, description="evaluate the global adapter every N rounds")
     round_timeout_s: float = Field(600.0, gt=0, description="seconds to wait for silos per stage")
     pruning: PruningConfig = Field(default_factory=PruningConfig)
@@ -99,6 +109,8 @@ class FederationConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> FederationConfig:
+        if (self.identity_key is None) != (self.enrollment is None):
+            raise ValueError("identity_key and enrollment must be set together")
         if self.min_silos > self.silos:
             raise ValueError(f"min_silos ({self.min_silos}) exceeds silos ({self.silos})")
         if self.secure_aggregation != "none" and self.min_silos < 2:

@@ -8,6 +8,8 @@ Layout written under ``--out``::
     silo-<k>/supernode.key, supernode.pub              SuperNode authentication (ECDSA P-384,
                                                        OpenSSH format, as flower-supernode wants)
     silo-<k>/identity.pem, identity.pub                the silo's Ed25519 silotune identity
+    silo-<k>/enrollment.json                           every silo's public identity (silo-1, ...):
+                                                       set federation.identity_key/enrollment
 
 Nothing is overwritten: an existing file makes the command stop before writing anything.
 """
@@ -23,12 +25,13 @@ import typer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from silotune.crypto.identity import IdentityKey
+from silotune.crypto.identity import Enrollment, IdentityKey
 from silotune.errors import ConfigError
 from silotune.transport.tls import CA_CERT, generate_tls_material
 
 SUPERNODE_KEY, SUPERNODE_PUB = "supernode.key", "supernode.pub"
 IDENTITY_KEY, IDENTITY_PUB = "identity.pem", "identity.pub"
+ENROLLMENT = "enrollment.json"
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
@@ -81,6 +84,7 @@ def generate(out: Path, silos: int, hosts: list[str], days: int = 365) -> list[P
     except ValueError as err:
         raise ConfigError(f"keygen: {err}") from None
     registered = []
+    enrollment = Enrollment()
     for d in silo_dirs:
         _write(d / CA_CERT, tls.ca_cert_pem, 0o644)
         private, public = supernode_keypair()
@@ -89,7 +93,10 @@ def generate(out: Path, silos: int, hosts: list[str], days: int = 365) -> list[P
         identity = IdentityKey.generate()
         identity.save(d / IDENTITY_KEY)
         identity.public.save(d / IDENTITY_PUB)
+        enrollment.add(d.name, identity.public)
         registered.append(public)
+    for d in silo_dirs:
+        enrollment.save(d / ENROLLMENT)
     _write(coordinator / "supernodes.txt", b"".join(registered), 0o644)
     return planned
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from numpy.typing import NDArray
 
@@ -93,6 +93,23 @@ def exchange(
     return replies, failed
 
 
+def _signed_key(reply: RecordDict) -> tuple[str, bytes, bytes]:
+    """(identity name, transport key, signature) a silo sent; relayed as is to its peers."""
+    sig = b""
+    if "transport_sig" in reply.array_records.get("arrays", ArrayRecord()):
+        sig = get_bytes(reply, "arrays", "transport_sig")
+    name = str(get_config(reply).get("identity", ""))
+    return name, get_bytes(reply, "arrays", "transport_pk"), sig
+
+
+def _peer_records(body: RecordDict, peers: dict[int, tuple[str, bytes, bytes]]) -> RecordDict:
+    """Attach peers' transport keys, signatures and names (keyed by peer id) to a message."""
+    body["peers"] = ArrayRecord({str(p): to_array(pk) for p, (_, pk, _) in peers.items()})
+    body["peer_sigs"] = ArrayRecord({str(p): to_array(sig) for p, (_, _, sig) in peers.items()})
+    body["peer_names"] = ConfigRecord({str(p): name for p, (name, _, _) in peers.items()})
+    return body
+
+
 def _need(survivors: Iterable[int], fed: FederationConfig, stage: str, round_no: int) -> None:
     count = len(list(survivors))
     if count < fed.min_silos:
@@ -169,16 +186,14 @@ def masking_round(
             continue
         examples[node], losses[node], norm = _examples(reply)
         norms.append(norm)
-        tpks[node] = get_bytes(reply, "arrays", "transport_pk")
+        tpks[sid[node]] = _signed_key(reply)
     _need(examples, fed, "setup", r)
     broadcast = server.key_broadcast()
 
     # 2. share keys: bundles come back sealed for their recipients; the coordinator only routes.
-    peers = ArrayRecord({str(sid[n]): to_array(pk) for n, pk in tpks.items()})
     body = {}
     for node in examples:
-        body[node] = records({"broadcast": to_array(broadcast)}, round=r)
-        body[node]["peers"] = peers
+        body[node] = _peer_records(records({"broadcast": to_array(broadcast)}, round=r), tpks)
     replies, failed = exchange(grid, body, silo.MASK_SHARE, r, timeout)
     dropped |= failed
     for node, reply in replies.items():
@@ -258,10 +273,11 @@ def he_setup(grid: Grid, nodes: list[int], fed: FederationConfig) -> HeSetup:
     timeout = fed.round_timeout_s
     replies, _ = exchange(grid, {n: records() for n in nodes}, silo.HELLO, 0, timeout)
     _need(replies, fed, "hello", 0)
-    tpks = {n: get_bytes(r, "arrays", "transport_pk") for n, r in replies.items()}
+    tpks = {n: _signed_key(r) for n, r in replies.items()}
     leader = min(tpks)
-    body = records(clip=fed.secagg_clip)
-    body["peers"] = ArrayRecord({str(n): to_array(pk) for n, pk in tpks.items() if n != leader})
+    body = _peer_records(
+        records(clip=fed.secagg_clip), {n: k for n, k in tpks.items() if n != leader}
+    )
     answer, failed = exchange(grid, {leader: body}, silo.HE_KEYGEN, 0, timeout)
     if leader not in answer:
         raise FederationError(f"HE key setup failed: the key leader failed ({failed[leader]})")
@@ -273,12 +289,9 @@ def he_setup(grid: Grid, nodes: list[int], fed: FederationConfig) -> HeSetup:
     sealed = answer[leader].array_records["sealed"]
     body = {}
     for node in tpks:
-        if node != leader:
-            arrays = {
-                "sealed": to_array(sealed[str(node)].numpy()),
-                "leader_pk": to_array(tpks[leader]),
-            }
-            body[node] = records(arrays)
+        if node != leader and str(node) in sealed:
+            install = records({"sealed": to_array(sealed[str(node)].numpy())})
+            body[node] = _peer_records(install, {leader: tpks[leader]})
     installed, _ = exchange(grid, body, silo.HE_INSTALL, 0, timeout)
     holders = [leader] + sorted(installed)
     _need(holders, fed, "HE key setup", 0)

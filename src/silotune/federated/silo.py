@@ -27,6 +27,7 @@ from silotune.crypto import ckks, masking
 from silotune.data.partition import partition_dirichlet, partition_iid
 from silotune.errors import ConfigError
 from silotune.federated import dp, sealing
+from silotune.federated.pinning import SiloTrust
 from silotune.federated.sparsify import sparsify
 from silotune.federated.vectors import (
     FederationError,
@@ -238,7 +239,29 @@ def _summary(result: LocalResult) -> dict[str, Any]:
     return {"examples": result.examples, "loss": result.loss, "update_norm": result.update_norm}
 
 
-def handle(cfg: JobConfig, action: str, message: Message, context: Context) -> RecordDict:
+def _signed_key(context: Context, trust: SiloTrust) -> tuple[dict[str, Any], str]:
+    """This silo's transport public key and its identity signature, as reply arrays + name."""
+    tpk = sealing.public_bytes(transport_key(context))
+    name, sig = trust.sign(tpk)
+    return {"transport_pk": to_array(tpk), "transport_sig": to_array(sig)}, name
+
+
+def peer_table(content: RecordDict, what: str, trust: SiloTrust) -> dict[int, bytes]:
+    """Peers' transport keys relayed by the coordinator, checked against the enrollment."""
+    pks = content.array_records.get("peers", ArrayRecord())
+    sigs = content.array_records.get("peer_sigs", ArrayRecord())
+    names = content.config_records.get("peer_names", ConfigRecord())
+    table = {}
+    for key in pks:
+        sig = sigs[key].numpy().tobytes() if key in sigs else b""
+        table[int(key)] = (str(names.get(key, "")), pks[key].numpy().tobytes(), sig)
+    trust.verify(table, what)
+    return {peer: pk for peer, (_, pk, _) in table.items()}
+
+
+def handle(
+    cfg: JobConfig, action: str, message: Message, context: Context, trust: SiloTrust
+) -> RecordDict:
     """Answer one stage message (validated before any work)."""
     content = message.content
     if action == PLAIN:
@@ -246,12 +269,12 @@ def handle(cfg: JobConfig, action: str, message: Message, context: Context) -> R
         return records({"update": to_array(result.values)}, **_summary(result))
     if action == HELLO:
         _, stream = _stream(cfg, _partition(context))
-        tpk = sealing.public_bytes(transport_key(context))
-        return records({"transport_pk": to_array(tpk)}, examples=len(stream.examples))
+        arrays, name = _signed_key(context, trust)
+        return records(arrays, examples=len(stream.examples), identity=name)
     if action == HE_KEYGEN:
-        return _he_keygen(content, context)
+        return _he_keygen(content, context, trust)
     if action == HE_INSTALL:
-        return _he_install(content, context)
+        return _he_install(content, context, trust)
     if action == HE_TRAIN:
         weight = float(get_config(content)["weight"])  # type: ignore[arg-type]
         result, _ = _train_from(message, context, cfg)
@@ -264,33 +287,34 @@ def handle(cfg: JobConfig, action: str, message: Message, context: Context) -> R
         )
         return records({"sum": to_array(total)})
     if action in (MASK_SETUP, MASK_SHARE, MASK_COLLECT, MASK_UNMASK):
-        return _masking(cfg, action, message, context)
+        return _masking(cfg, action, message, context, trust)
     raise ValueError(f"Unknown stage: {action!r}; expected one of {ACTIONS}.")
 
 
-def _he_keygen(content: RecordDict, context: Context) -> RecordDict:
+def _he_keygen(content: RecordDict, context: Context, trust: SiloTrust) -> RecordDict:
     """Key leader: make the HE keys, keep the secret, seal it to each peer, return the public part."""
     keys = ckks.CkksKeys.generate(ckks.CkksParams(clip=float(get_config(content)["clip"])))  # type: ignore[arg-type]
     secret = keys.serialize_secret()
     _state(context)["he_secret"] = secret
     own = transport_key(context)
-    peers = content.array_records.get("peers", ArrayRecord())
+    peers = peer_table(content, "HE key setup", trust)
     sealed = {
-        name: to_array(
-            sealing.seal(own, peers[name].numpy().tobytes(), PURPOSE_HE_SECRET, 0, secret)
-        )
-        for name in peers
+        str(node): to_array(sealing.seal(own, pk, PURPOSE_HE_SECRET, 0, secret))
+        for node, pk in peers.items()
     }
     body = records({"public": to_array(keys.serialize_public())})
     body["sealed"] = ArrayRecord(sealed)
     return body
 
 
-def _he_install(content: RecordDict, context: Context) -> RecordDict:
+def _he_install(content: RecordDict, context: Context, trust: SiloTrust) -> RecordDict:
     """Peer: open the sealed secret context from the key leader and keep it."""
+    leader = peer_table(content, "HE key install", trust)
+    if len(leader) != 1:
+        raise FederationError("the HE key install message must name exactly one key leader")
     secret = sealing.open_sealed(
         transport_key(context),
-        get_bytes(content, "arrays", "leader_pk"),
+        next(iter(leader.values())),
         PURPOSE_HE_SECRET,
         0,
         get_bytes(content, "arrays", "sealed"),
@@ -303,7 +327,9 @@ def _he_install(content: RecordDict, context: Context) -> RecordDict:
     return records(installed=True)
 
 
-def _masking(cfg: JobConfig, action: str, message: Message, context: Context) -> RecordDict:
+def _masking(
+    cfg: JobConfig, action: str, message: Message, context: Context, trust: SiloTrust
+) -> RecordDict:
     """The four SecAgg stages; share bundles travel sealed end to end between silos."""
     content, state = message.content, _state(context)
     conf = get_config(content)
@@ -314,15 +340,12 @@ def _masking(cfg: JobConfig, action: str, message: Message, context: Context) ->
         client = masking.MaskingClient(int(conf["secagg_id"]))  # type: ignore[arg-type]
         pk_msg = client.setup(get_bytes(content, "arrays", "secagg_config"))
         state["masking"] = client.export_state()
-        tpk = sealing.public_bytes(transport_key(context))
-        return records(
-            {"pk_msg": to_array(pk_msg), "transport_pk": to_array(tpk)}, **_summary(result)
-        )
+        arrays, name = _signed_key(context, trust)
+        return records({"pk_msg": to_array(pk_msg), **arrays}, identity=name, **_summary(result))
     client = masking.MaskingClient.restore_state(bytes(state["masking"]))  # type: ignore[arg-type]
     own = transport_key(context)
     if action == MASK_SHARE:
-        peers = content.array_records.get("peers", ArrayRecord())
-        peer_pks = {int(name): peers[name].numpy().tobytes() for name in peers}
+        peer_pks = peer_table(content, f"round {round_no} key sharing", trust)
         bundles = client.share_keys(get_bytes(content, "arrays", "broadcast"))
         missing = set(bundles) - set(peer_pks)
         if missing:
@@ -385,17 +408,34 @@ def node_job_config(context: Context) -> JobConfig:
     return _CONFIGS[key]
 
 
-def make_client_app(cfg: JobConfig | None, mods: list[Any] | None = None) -> ClientApp:
+_TRUST: dict[tuple[str | None, str | None], SiloTrust] = {}
+
+
+def _trust_from_config(cfg: JobConfig) -> SiloTrust:
+    key = (cfg.federation.identity_key, cfg.federation.enrollment)
+    if key not in _TRUST:
+        _TRUST[key] = SiloTrust.from_files(*key)
+    return _TRUST[key]
+
+
+def make_client_app(
+    cfg: JobConfig | None,
+    mods: list[Any] | None = None,
+    trust: dict[int, SiloTrust] | None = None,
+) -> ClientApp:
     """The ClientApp; every stage is registered as ``train.<action>``.
 
     With `cfg` None each silo reads its own job config from its node config (deployment).
+    `trust` maps partition ids to identities (simulation); otherwise each silo loads
+    `federation.identity_key` and `federation.enrollment` from its config, if set.
     """
     app = ClientApp(mods=mods or [])
     for action in ACTIONS:
 
         def stage(message: Message, context: Context, action: str = action) -> Message:
             job_cfg = cfg if cfg is not None else node_job_config(context)
-            return Message(handle(job_cfg, action, message, context), reply_to=message)
+            mine = trust[_partition(context)] if trust is not None else _trust_from_config(job_cfg)
+            return Message(handle(job_cfg, action, message, context, mine), reply_to=message)
 
         app.train(action)(stage)
     return app

@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from silotune.config import JobConfig
 from silotune.errors import ConfigError
 from silotune.federated.coordinator import Coordinator
+from silotune.federated.pinning import simulation_trust
 from silotune.federated.silo import make_client_app
 from silotune.train.trainer import prepare_output_dir
 
@@ -68,7 +69,10 @@ def train_federated_simulation(
     prepare_output_dir(cfg, resume, overwrite)
     out: dict[str, Any] = {}
     server_app = make_server_app(cfg, resume, progress, out)
-    client_app: ClientApp = make_client_app(cfg, client_mods)
+    # Fresh Ed25519 identities per simulated silo: transport keys are signed and checked.
+    client_app: ClientApp = make_client_app(
+        cfg, client_mods, simulation_trust(cfg.federation.silos)
+    )
     try:
         run_simulation(
             server_app=server_app,

@@ -1,0 +1,85 @@
+"""Authenticated transport keys: each silo signs its X25519 transport key with its Ed25519 identity.
+
+Share bundles and the HE secret are sealed to peers' transport keys, which the coordinator relays.
+When silos hold identity keys and an enrollment of every silo's public identity (deployment:
+`federation.identity_key` and `federation.enrollment`; simulation: generated per job), a silo
+seals only to a transport key signed by an enrolled peer, so a coordinator that substitutes keys
+is detected (:class:`AuthenticationError` / :class:`UnknownIdentityError`) instead of reading the
+payload. Without them (``SiloTrust()``), keys are trusted as relayed (honest-but-curious model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from silotune.crypto.exceptions import AuthenticationError
+from silotune.crypto.identity import Enrollment, IdentityKey
+from silotune.errors import ConfigError
+
+_STATEMENT = b"silotune/federated/transport-key/v1|"
+
+
+@dataclass
+class SiloTrust:
+    """A silo's identity key and the enrollment it checks peers against (both or neither)."""
+
+    key: IdentityKey | None = None
+    enrollment: Enrollment | None = None
+    name: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:
+        if (self.key is None) != (self.enrollment is None):
+            raise ConfigError(
+                "federation.identity_key and federation.enrollment must be set together"
+            )
+        if self.key is not None and self.enrollment is not None:
+            self.name = self.enrollment.name_of(self.key.public)
+
+    @classmethod
+    def from_files(cls, key: str | None, enrollment: str | None) -> SiloTrust:
+        """Load the configured identity key and enrollment (or neither)."""
+        if key is None and enrollment is None:
+            return cls()
+        if key is None or enrollment is None:
+            raise ConfigError(
+                "federation.identity_key and federation.enrollment must be set together"
+            )
+        return cls(
+            IdentityKey.load(Path(key).expanduser()), Enrollment.load(Path(enrollment).expanduser())
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.key is not None
+
+    def sign(self, transport_pk: bytes) -> tuple[str, bytes]:
+        """(enrolled name, signature of the transport key), or ("", b"") without identities."""
+        if self.key is None:
+            return "", b""
+        return self.name, self.key.sign(_STATEMENT + transport_pk)
+
+    def verify(self, peers: dict[int, tuple[str, bytes, bytes]], what: str) -> None:
+        """Check every peer's (name, transport key, signature); names must be distinct."""
+        if self.enrollment is None:
+            return
+        names = [name for name, _, _ in peers.values()]
+        if len(set(names)) != len(names):
+            raise AuthenticationError(f"{what}: one enrolled silo is presented as several peers")
+        for peer, (name, pk, sig) in peers.items():
+            if not name or not sig:
+                raise AuthenticationError(f"{what}: the transport key of peer {peer} is unsigned")
+            try:
+                self.enrollment.get(name).verify(sig, _STATEMENT + pk)
+            except AuthenticationError:
+                raise AuthenticationError(
+                    f"{what}: the transport key of peer {peer} is not signed by enrolled silo "
+                    f"{name!r} (substituted by the coordinator?)"
+                ) from None
+
+
+def simulation_trust(silos: int) -> dict[int, SiloTrust]:
+    """Fresh identities for simulated silos 0..silos-1 and the enrollment of all of them."""
+    keys = {p: IdentityKey.generate() for p in range(silos)}
+    enrollment = Enrollment({f"silo-{p}": k.public for p, k in keys.items()})
+    return {p: SiloTrust(k, enrollment) for p, k in keys.items()}
