@@ -182,6 +182,11 @@ def test_model_shorthand_via_set_and_overrides_leave_input_alone() -> None:
     assert cfg.model.name == "/models/x" and cfg.model.dtype == "auto"
 
 
+def test_python_callers_may_pass_paths_with_overrides(tmp_path: Path) -> None:
+    cfg = config_from_dict({"output_dir": tmp_path / "run"}, ["train.lr=0.5"])
+    assert cfg.output_dir == tmp_path / "run" and cfg.train.lr == 0.5
+
+
 # ----------------------------------------------------------------------------- through the CLI
 
 

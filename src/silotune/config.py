@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -177,7 +178,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of `data` with each `a.b=value` override set (creating sections as needed)."""
-    result = yaml.safe_load(yaml.safe_dump(data)) or {}
+    result = copy.deepcopy(data)  # (not a YAML round trip: callers may pass Path values)
     for item in overrides:
         parts, value = parse_override(item)
         node = result
