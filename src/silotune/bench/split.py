@@ -3,7 +3,8 @@
 Same model, data and total batch per step for every variant: ``centralized`` (one process),
 ``split_1`` (one silo with the whole batch), and four silos with a quarter each in the three server
 modes. Every silo and the centralized baseline run in their own spawned process, so their peak
-RSS is their own; the coordinator runs in this process. Step times are means over the steps
+RSS (``VmHWM``) is their own; the coordinator runs in this process. Every process uses one
+intra-op thread (see ``THREADS``). Step times are means over the steps
 after the first (warm-up) and before the last (which holds the final adapter sync).
 """
 
@@ -22,6 +23,10 @@ from rich.console import Console
 from rich.table import Table
 
 from silotune.config import JobConfig, config_from_dict
+
+# One intra-op thread per process for every variant: on a shared 2-core machine, two OpenMP
+# threads per process under contention made steps up to 10x slower and the timings meaningless.
+THREADS = 1
 
 MODES = {
     "split_1": (1, "client-batching"),
@@ -65,12 +70,14 @@ def _steady(step_seconds: list[float]) -> float:
 
 def _centralized_worker(cfg_data: dict[str, Any], out: str) -> None:
     """Spawned: centralized train steps on the same job; writes step times and peak RSS."""
-    import resource
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
+    from silotune.split.runner import peak_rss_mb
     from silotune.train.loop import make_optimizer, make_scheduler, train_step
     from silotune.train.trainer import build_job
+
+    torch.set_num_threads(THREADS)
 
     cfg = config_from_dict({**cfg_data, "mode": "centralized"})
     job = build_job(cfg)
@@ -81,8 +88,7 @@ def _centralized_worker(cfg_data: dict[str, Any], out: str) -> None:
         start = time.perf_counter()
         train_step(job.model, job.stream, step, optimizer, scheduler, cfg.train, job.device)
         times.append(time.perf_counter() - start)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    Path(out).write_text(json.dumps({"step_seconds": times, "peak_rss_mb": rss}), "utf-8")
+    Path(out).write_text(json.dumps({"step_seconds": times, "peak_rss_mb": peak_rss_mb()}), "utf-8")
 
 
 def _run_centralized(cfg: JobConfig, tmp: Path) -> dict[str, Any]:
@@ -116,7 +122,7 @@ def _run_split(cfg: JobConfig, tmp: Path, total_batch: int) -> dict[str, Any]:
     service = build_service(cfg, *load_coordinator_keys(keys))
     server = GrpcStreamServer(service.handle, "127.0.0.1:0", tls=load_tls_material(tls))
     server.start()
-    threads = max(1, torch.get_num_threads() // len(names))
+    threads = THREADS
     context = multiprocessing.get_context("spawn")
     processes = []
     try:
@@ -156,6 +162,7 @@ def _run_split(cfg: JobConfig, tmp: Path, total_batch: int) -> dict[str, Any]:
 
 def run(quick: bool, console: Console) -> dict[str, Any]:
     """Run every variant, print the table, return the JSON result."""
+    torch.set_num_threads(THREADS)  # the coordinator runs in this process
     total_batch, steps = 8, (4 if quick else 6)
     model = "tiny-llama" if quick else "smollm2-135m"
     results: dict[str, dict[str, Any]] = {}
