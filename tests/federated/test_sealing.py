@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 from silotune.crypto.exceptions import AuthenticationError, KeyMaterialError
@@ -49,5 +51,7 @@ def test_silo_trust_checks_signatures_names_and_configuration() -> None:
     with pytest.raises(UnknownIdentityError):
         trust[0].verify({1: ("silo-9", pk[1], signed[1][2])}, "test")
     SiloTrust().verify({1: ("", pk[1], b"")}, "test")  # no identities: trusted as relayed
+    copy = pickle.loads(pickle.dumps(trust[1]))  # noqa: S301 - our own bytes, as Ray ships it
+    assert copy.name == "silo-1" and copy.sign(pk[1]) == trust[1].sign(pk[1])
     with pytest.raises(ConfigError, match="must be set together"):
         SiloTrust.from_files("identity.pem", None)

@@ -49,6 +49,12 @@ class SiloTrust:
             IdentityKey.load(Path(key).expanduser()), Enrollment.load(Path(enrollment).expanduser())
         )
 
+    def __reduce__(self) -> tuple[object, tuple[bytes | None, str | None]]:
+        # Ray ships the ClientApp (and this) to its worker processes; keys are not picklable.
+        pem = self.key.to_pem() if self.key is not None else None
+        roster = self.enrollment.to_json() if self.enrollment is not None else None
+        return _restore, (pem, roster)
+
     @property
     def enabled(self) -> bool:
         return self.key is not None
@@ -76,6 +82,11 @@ class SiloTrust:
                     f"{what}: the transport key of peer {peer} is not signed by enrolled silo "
                     f"{name!r} (substituted by the coordinator?)"
                 ) from None
+
+
+def _restore(pem: bytes | None, roster: str | None) -> SiloTrust:
+    key = IdentityKey.from_pem(pem) if pem is not None else None
+    return SiloTrust(key, Enrollment.from_json(roster) if roster is not None else None)
 
 
 def simulation_trust(silos: int) -> dict[int, SiloTrust]:
