@@ -203,11 +203,11 @@ def run(quick: bool, console: Console) -> dict[str, Any]:
     """Measure the four methods, print a table, return the JSON object."""
     length = QUICK_PARAMS if quick else FULL_PARAMS
     xs = make_updates(length)
-    want = sum(x.astype(np.float64) * w for x, w in zip(xs, WEIGHTS, strict=True))
+    want = np.sum([x.astype(np.float64) * w for x, w in zip(xs, WEIGHTS, strict=True)], axis=0)
     results: dict[str, dict[str, float]] = {}
     for name, fn in (("plain", _plain), ("masking", _masking), ("ckks", _ckks)):
         console.log(f"secagg: {name}")
-        results[name] = fn(xs, want)  # type: ignore[operator]
+        results[name] = fn(xs, want)
     console.log("secagg: masking with one silo lost before upload")
     dropped, total, _ = masking_round(xs, drop_before_upload=4)
     want3 = sum(x.astype(np.float64) * w for x, w in zip(xs[:3], WEIGHTS[:3], strict=True))

@@ -287,12 +287,12 @@ def he_setup(grid: Grid, nodes: list[int], fed: FederationConfig) -> HeSetup:
             "HE key setup refused: the key leader sent the coordinator a secret key"
         )
     sealed = answer[leader].array_records["sealed"]
-    body = {}
+    installs: dict[int, RecordDict] = {}
     for node in tpks:
         if node != leader and str(node) in sealed:
             install = records({"sealed": to_array(sealed[str(node)].numpy())})
-            body[node] = _peer_records(install, {leader: tpks[leader]})
-    installed, _ = exchange(grid, body, silo.HE_INSTALL, 0, timeout)
+            installs[node] = _peer_records(install, {leader: tpks[leader]})
+    installed, _ = exchange(grid, installs, silo.HE_INSTALL, 0, timeout)
     holders = [leader] + sorted(installed)
     _need(holders, fed, "HE key setup", 0)
     hello_examples = {n: int(get_config(r)["examples"]) for n, r in replies.items()}  # type: ignore[arg-type]

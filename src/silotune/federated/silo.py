@@ -215,10 +215,10 @@ def _train_from(message: Message, context: Context, cfg: JobConfig) -> tuple[Loc
     """Run the local round a message asks for; keeps the new residual in the node state."""
     conf = get_config(message.content)
     round_no = int(conf["round"])  # type: ignore[arg-type]
-    global_vec = get_vector(message.content, "arrays", "global", np.float32)
+    global_vec = get_vector(message.content, "arrays", "global", np.float32).astype(np.float32)
     support = None
     if "support" in message.content.array_records.get("arrays", ArrayRecord()):
-        support = get_vector(message.content, "arrays", "support", np.int64)
+        support = get_vector(message.content, "arrays", "support", np.int64).astype(np.int64)
         if (
             support.size == 0
             or support[0] < 0

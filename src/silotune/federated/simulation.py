@@ -78,7 +78,7 @@ def train_federated_simulation(
             server_app=server_app,
             client_app=client_app,
             num_supernodes=cfg.federation.silos,
-            backend_config=backend_config(cfg),  # type: ignore[arg-type]
+            backend_config=backend_config(cfg),
         )
     finally:
         _stop_ray()
@@ -86,7 +86,8 @@ def train_federated_simulation(
         raise out["error"]
     if "summary" not in out:
         raise RuntimeError("the Flower simulation ended without running the coordinator")
-    return out["summary"]
+    summary: dict[str, Any] = out["summary"]
+    return summary
 
 
 def _stop_ray() -> None:
