@@ -325,3 +325,20 @@ def test_substituted_key_never_receives_the_he_secret(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path, "mitm-he", secure_aggregation="ckks")
     with pytest.raises(FederationError, match="key leader failed .*not signed by enrolled silo"):
         run_in_process(cfg, tamper=substitute)
+
+
+def test_fedadam_server_step_moves_each_value_by_server_lr_along_the_mean_update(
+    tmp_path: Path, plain
+) -> None:
+    _, fedavg, _ = plain  # init + mean update
+    cfg = make_cfg(tmp_path, "adam", strategy="fedadam", server_lr=0.01)
+    job = build_job(cfg)
+    save_adapter(job.model, tmp_path / "init")
+    tensors = load_file(tmp_path / "init" / "adapter_model.safetensors")
+    init = np.concatenate([tensors[k].reshape(-1) for k in sorted(tensors)])
+    run_in_process(cfg)
+    moved = np.abs(fedavg - init) > 1e-6
+    assert moved.mean() > 0.5
+    step = adapter(cfg) - init
+    # First bias-corrected Adam step on the pseudo-gradient -mean: server_lr * sign(mean).
+    assert np.allclose(step[moved], 0.01 * np.sign(fedavg - init)[moved], atol=1e-5)
