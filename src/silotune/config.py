@@ -53,8 +53,8 @@ class DataConfig(_Strict):
 
     dataset: str = Field(
         "fortunes-sample",
-        description="fortunes-sample (bundled), fortunes (Debian package), or a folder/file of "
-        "train/validation/test JSONL, CSV or Parquet",
+        description="fortunes-sample (bundled), fortunes (Debian package), or a folder holding "
+        "train/validation/test files (JSONL, JSON, CSV or Parquet)",
     )
     task: Literal["classification", "lm"] = Field("classification", description="task kind")
     max_length: int = Field(128, ge=8, le=8192, description="tokens per example, prompt + label")

@@ -118,3 +118,9 @@ def test_make_task(tok) -> None:
     assert isinstance(make_task(tok, "lm", [], TEMPLATE, 64), LanguageModelingTask)
     with pytest.raises(DataError, match="allowed: classification, lm"):
         make_task(tok, "qa", LABELS, TEMPLATE, 64)
+
+
+def test_lm_example_too_short_to_predict_anything_is_refused(tok) -> None:
+    task = LanguageModelingTask(tok, max_length=32)
+    with pytest.raises(DataError, match="fewer than 2 tokens"):
+        task.encode({"text": ""})

@@ -91,6 +91,11 @@ class LanguageModelingTask:
         ids = _prompt_ids(self.tokenizer, example["text"])[: self.max_length]
         if self.tokenizer.eos_token_id is not None and len(ids) < self.max_length:
             ids.append(self.tokenizer.eos_token_id)
+        if len(ids) < 2:
+            # One token predicts nothing: a batch of such examples would have no loss at all.
+            raise DataError(
+                f"an lm example has fewer than 2 tokens (empty text?): {example['text']!r}"
+            )
         return Encoded(ids, list(ids))
 
 
