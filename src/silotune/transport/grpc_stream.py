@@ -5,7 +5,7 @@ identity (bytes) serializers. Each gRPC message is one chunk::
 
     version u8 | message id u64 | chunk index u32 | flags u8 (bit 0: last chunk) | data
 
-The receiver reassembles chunks into whole messages, refusing any message over its
+The receiver reassembles chunks (`transport.chunking`) into whole messages, refusing any message over its
 ``max_message_bytes`` and any out-of-order chunk. TLS is the default; plaintext needs
 ``insecure=True``. The client id travels as metadata for logging only: peers authenticate each
 other with the ``silotune.crypto`` handshake carried over this stream, not with it.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import struct
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -34,6 +33,7 @@ from silotune.transport.base import (
     TransportTimeout,
     as_message,
 )
+from silotune.transport.chunking import Reassembler, iter_chunks
 from silotune.transport.tls import TlsMaterial
 
 __all__ = [
@@ -59,95 +59,10 @@ DEFAULT_CHUNK_BYTES = 2 * 2**20
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20
 MIN_CHUNK_BYTES = 1024
 
-_CHUNK = struct.Struct("<BQIB")  # version, message id, chunk index, flags
-_CHUNK_VERSION = 1
-_FLAG_LAST = 1
 _GRPC_OVERHEAD = 1024  # gRPC length limits apply to chunks; leave room for the chunk header
 _END = object()  # outbox sentinel: finish the outgoing stream after what is queued
 _POLL = 0.05  # seconds between checks of the closed flags while a send is blocked
 _IDLE_POLL = 0.5  # the same for an idle outgoing stream (closing also wakes it directly)
-
-
-# --------------------------------------------------------------------------- chunking
-
-
-def iter_chunks(message_id: int, data: bytes, chunk_bytes: int) -> Iterator[bytes]:
-    """Split one message into chunks (an empty message is one empty last chunk).
-
-    Parameters
-    ----------
-    message_id
-        Sender-side id of the message (u64), the same in all its chunks.
-    data
-        The message.
-    chunk_bytes
-        Most data bytes per chunk.
-    """
-    view = memoryview(data)
-    count = max(1, -(-len(view) // chunk_bytes))
-    for index in range(count):
-        flags = _FLAG_LAST if index == count - 1 else 0
-        header = _CHUNK.pack(_CHUNK_VERSION, message_id, index, flags)
-        yield header + view[index * chunk_bytes : (index + 1) * chunk_bytes]
-
-
-class Reassembler:
-    """Joins chunks back into messages, rejecting malformed or oversized input.
-
-    Parameters
-    ----------
-    max_message_bytes
-        Largest message accepted; a longer one raises before it is buffered.
-    """
-
-    def __init__(self, max_message_bytes: int) -> None:
-        self._max = max_message_bytes
-        self._parts: list[bytes] = []
-        self._size = 0
-        self._message_id: int | None = None
-        self._next_index = 0
-
-    @property
-    def partial(self) -> bool:
-        """Whether a message has started but not finished."""
-        return self._message_id is not None
-
-    def feed(self, chunk: bytes) -> bytes | None:
-        """Add one chunk; return the whole message when this chunk completes it.
-
-        Raises
-        ------
-        TransportError
-            If the chunk is malformed, out of order, or the message grows past the limit.
-        """
-        if len(chunk) < _CHUNK.size:
-            raise TransportError(f"Chunk of {len(chunk)} bytes is shorter than its header.")
-        version, message_id, index, flags = _CHUNK.unpack_from(chunk)
-        if version != _CHUNK_VERSION:
-            raise TransportError(
-                f"Chunk version {version} is not supported; supported: {_CHUNK_VERSION}."
-            )
-        if flags & ~_FLAG_LAST:
-            raise TransportError(f"Chunk has unknown flags {flags:#x}.")
-        if self._message_id is None:
-            self._message_id = message_id
-        if message_id != self._message_id or index != self._next_index:
-            raise TransportError(
-                f"Chunk {index} of message {message_id} arrived while chunk {self._next_index} "
-                f"of message {self._message_id} was expected."
-            )
-        self._size += len(chunk) - _CHUNK.size
-        if self._size > self._max:
-            raise TransportError(
-                f"Message {message_id} exceeds the maximum message size of {self._max} bytes."
-            )
-        self._parts.append(chunk[_CHUNK.size :])
-        self._next_index += 1
-        if not flags & _FLAG_LAST:
-            return None
-        message = b"".join(self._parts)
-        self._parts, self._size, self._message_id, self._next_index = [], 0, None, 0
-        return message
 
 
 # --------------------------------------------------------------------------- connection
