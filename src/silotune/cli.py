@@ -51,7 +51,7 @@ def _setup_logging(verbose: bool) -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
-    for name in ("transformers", "peft", "datasets", "httpx"):
+    for name in ("transformers", "peft", "datasets", "httpx", "alembic"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -100,15 +100,23 @@ def eval_(
 
 @app.command()
 def demo(
-    steps: Annotated[int, typer.Option(help="Training steps.")] = 0,
+    steps: Annotated[
+        int, typer.Option(help="Training steps per section (examples seen match).")
+    ] = 0,
     output_dir: Annotated[
-        Path | None, typer.Option(help="Keep the run here (default: temporary).")
+        Path | None, typer.Option(help="Keep the runs here (default: temporary).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace runs already in --output-dir.")] = False,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(help="Run only these sections: centralized, federated, split."),
     ] = None,
 ) -> None:
-    """A short end-to-end run on embedded defaults: tiny-llama on fortunes-sample."""
-    from silotune.demo import run_demo
+    """Short end-to-end runs on embedded defaults: tiny-llama on fortunes-sample, in every mode."""
+    from silotune.demo import SECTIONS, run_demo
 
-    run_demo(steps=steps or None, output_dir=output_dir, console=Console())
+    sections = tuple(only) if only else SECTIONS
+    run_demo(steps or None, output_dir, Console(), overwrite=overwrite, sections=sections)
 
 
 @app.command("config")

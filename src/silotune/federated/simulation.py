@@ -66,6 +66,11 @@ def train_federated_simulation(
         )
     from flwr.simulation import run_simulation
 
+    # Flower sets its logger to DEBUG on import and logs every simulation step; keep its
+    # errors (its run_simulation deprecation notice is not for our users), and all of it when
+    # silotune itself logs at DEBUG (--verbose).
+    quiet = logging.getLogger("silotune").getEffectiveLevel() > logging.DEBUG
+    logging.getLogger("flwr").setLevel(logging.ERROR if quiet else logging.DEBUG)
     prepare_output_dir(cfg, resume, overwrite)
     out: dict[str, Any] = {}
     server_app = make_server_app(cfg, resume, progress, out)
