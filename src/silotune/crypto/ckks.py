@@ -275,7 +275,7 @@ def _frame(
     return head + deflater.compress(body) + deflater.flush()
 
 
-def _inflate(keys: CkksKeys, data: memoryview, n_chunks: int) -> bytes:
+def _inflate(keys: CkksKeys, data: bytes | memoryview, n_chunks: int) -> bytes:
     # Bound the output before inflating untrusted bytes (no decompression bombs).
     p = keys.params
     limit = n_chunks * (_LEN.size + 16 * p.poly_modulus_degree * len(p.coeff_mod_bit_sizes) + 4096)

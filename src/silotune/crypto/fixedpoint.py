@@ -96,7 +96,8 @@ class FixedPointCodec:
         if n_clipped:
             logger.debug("Clipped %d of %d values to +-%s.", n_clipped, x.size, self.clip)
         q = np.rint(np.clip(x, -self.clip, self.clip) * self.scale)
-        return np.clip(q, -self.max_q, self.max_q).astype(np.int64)
+        clipped: NDArray[np.int64] = np.clip(q, -self.max_q, self.max_q).astype(np.int64)
+        return clipped
 
     def encode(self, values: ArrayLike) -> NDArray[np.unsignedinteger[Any]]:
         """Encode values as ``bits``-bit residues (uint32 when ``bits == 32``, else uint64).

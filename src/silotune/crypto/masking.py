@@ -387,8 +387,8 @@ class MaskingClient:
                 masked += mask
             else:
                 masked -= mask
-        body = struct.pack(">Q", n) + masked.astype("<u4").tobytes()
-        return _pack(_KIND_MASKED, r, self.silo_id, body)
+        upload = struct.pack(">Q", n) + masked.astype("<u4").tobytes()
+        return _pack(_KIND_MASKED, r, self.silo_id, upload)
 
     def unmask(self, request: bytes) -> bytes:
         """``STAGE_UNMASK``: reveal self-seed shares of survivors and key shares of dropped silos.
