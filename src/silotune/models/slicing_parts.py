@@ -65,8 +65,11 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 class SplitPart(nn.Module):
     """A contiguous run of decoder blocks plus the shared checks and prefix handling.
 
-    ``layer_indices`` holds the global indices of the part's blocks in the model.
+    ``layer_indices`` holds the global indices of the part's blocks in the model. Each
+    architecture's part class defines ``_run_blocks(hidden_states, attention_mask, prefix)``.
     """
+
+    _run_blocks: Callable[[torch.Tensor, torch.Tensor, PrefixKV | None], torch.Tensor]
 
     def __init__(
         self,
@@ -111,6 +114,17 @@ class SplitPart(nn.Module):
                 f"hidden_states has shape {tuple(hidden_states.shape)}; it must be (B, T, "
                 f"{hidden_size}) for this model."
             )
+
+    def _blocks_forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prefix: PrefixKV | None,
+    ) -> torch.Tensor:
+        """Check the inputs, then run the part's blocks: ``(B, T, C)`` to ``(B, T, C)``."""
+        self._check_hidden(hidden_states)
+        attention_mask = self._checked_mask(hidden_states, attention_mask)
+        return self._run_blocks(hidden_states, attention_mask, prefix)
 
     def _prefix_cache(
         self, prefix: PrefixKV | None, attention_mask: torch.Tensor
@@ -245,9 +259,7 @@ class DecoderTrunk(_DecoderPart):
         prefix: PrefixKV | None = None,
     ) -> torch.Tensor:
         """Map hidden states ``(B, T, C)`` and ``attention_mask (B, T)`` to ``(B, T, C)``."""
-        self._check_hidden(hidden_states)
-        attention_mask = self._checked_mask(hidden_states, attention_mask)
-        return self._run_blocks(hidden_states, attention_mask, prefix)  # (B, T, C)
+        return self._blocks_forward(hidden_states, attention_mask, prefix)  # (B, T, C)
 
 
 class DecoderTail(_DecoderPart):
@@ -265,9 +277,7 @@ class DecoderTail(_DecoderPart):
         prefix: PrefixKV | None = None,
     ) -> torch.Tensor:
         """Map hidden states ``(B, T, C)`` and ``attention_mask (B, T)`` to logits ``(B, T, V)``."""
-        self._check_hidden(hidden_states)
-        attention_mask = self._checked_mask(hidden_states, attention_mask)
-        hidden_states = self._run_blocks(hidden_states, attention_mask, prefix)  # (B, T, C)
+        hidden_states = self._blocks_forward(hidden_states, attention_mask, prefix)  # (B, T, C)
         return self.lm_head(self.norm(hidden_states))  # (B, T, V)
 
 
@@ -346,9 +356,7 @@ class GPT2Trunk(_GPT2Part):
         prefix: PrefixKV | None = None,
     ) -> torch.Tensor:
         """Map hidden states ``(B, T, C)`` and ``attention_mask (B, T)`` to ``(B, T, C)``."""
-        self._check_hidden(hidden_states)
-        attention_mask = self._checked_mask(hidden_states, attention_mask)
-        return self._run_blocks(hidden_states, attention_mask, prefix)  # (B, T, C)
+        return self._blocks_forward(hidden_states, attention_mask, prefix)  # (B, T, C)
 
 
 class GPT2Tail(_GPT2Part):
@@ -366,7 +374,5 @@ class GPT2Tail(_GPT2Part):
         prefix: PrefixKV | None = None,
     ) -> torch.Tensor:
         """Map hidden states ``(B, T, C)`` and ``attention_mask (B, T)`` to logits ``(B, T, V)``."""
-        self._check_hidden(hidden_states)
-        attention_mask = self._checked_mask(hidden_states, attention_mask)
-        hidden_states = self._run_blocks(hidden_states, attention_mask, prefix)  # (B, T, C)
+        hidden_states = self._blocks_forward(hidden_states, attention_mask, prefix)  # (B, T, C)
         return self.lm_head(self.ln_f(hidden_states))  # (B, T, V)
