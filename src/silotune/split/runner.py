@@ -50,6 +50,7 @@ from silotune.train.trainer import (
     SUMMARY_FILE,
     MetricsLog,
     prepare_output_dir,
+    train_record,
 )
 from silotune.transport.grpc_stream import GrpcStreamServer, connect
 from silotune.transport.tls import generate_tls_material, load_tls_material
@@ -182,16 +183,9 @@ def _train_silo(
         step_seconds.append(time.perf_counter() - started)
         train_bytes += session.stats.total_bytes - bytes_before
         if done % t.log_every == 0 or done == t.max_steps:
+            wire_bytes = session.stats.total_bytes - bytes_before
             metrics.write(
-                {
-                    "step": done,
-                    "split": "train",
-                    "loss": out.loss,
-                    "lr": out.lr,
-                    "grad_norm": out.grad_norm,
-                    "elapsed_s": time.perf_counter() - clock,
-                    "wire_bytes": session.stats.total_bytes - bytes_before,
-                }
+                train_record(done, out, time.perf_counter() - clock, wire_bytes=wire_bytes)
             )
         if evaluate_splits and (done % t.eval_every == 0 or done == t.max_steps):
             scores = evaluate(model, task, splits.validation, t.eval_batch_size, device)

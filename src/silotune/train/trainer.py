@@ -28,7 +28,7 @@ from silotune.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from silotune.train.loop import BatchStream, make_optimizer, make_scheduler, train_step
+from silotune.train.loop import BatchStream, StepOutput, make_optimizer, make_scheduler, train_step
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,19 @@ def prepare_output_dir(cfg: JobConfig, resume: bool, overwrite: bool) -> None:
         reset_output_dir(cfg)
 
 
+def train_record(step: int, out: StepOutput, elapsed_s: float, **extra: Any) -> dict[str, Any]:
+    """The metrics.jsonl record of a training step (modes add their own fields in `extra`)."""
+    return {
+        "step": step,
+        "split": "train",
+        "loss": out.loss,
+        "lr": out.lr,
+        "grad_norm": out.grad_norm,
+        "elapsed_s": elapsed_s,
+        **extra,
+    }
+
+
 class MetricsLog:
     """Append-only JSONL metrics.
 
@@ -240,16 +253,7 @@ def _train(
             done = step + 1
             bar.update(task_id, advance=1, loss=f"{out.loss:.4f}")
             if done % t.log_every == 0 or done == t.max_steps:
-                metrics.write(
-                    {
-                        "step": done,
-                        "split": "train",
-                        "loss": out.loss,
-                        "lr": out.lr,
-                        "grad_norm": out.grad_norm,
-                        "elapsed_s": time.perf_counter() - clock,
-                    }
-                )
+                metrics.write(train_record(done, out, time.perf_counter() - clock))
             if done % t.eval_every == 0 or done == t.max_steps:
                 scores = evaluate(
                     job.model, job.task, job.splits.validation, t.eval_batch_size, job.device
