@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from silotune.data.tasks import ClassificationTask, Encoded, LanguageModelingTask, collate
 from silotune.eval.metrics import accuracy, macro_f1, mean_rouge_l
+
+# Called as hook(done, total) as evaluation advances (e.g. to drive a progress bar).
+ProgressHook = Callable[[int, int], None]
 
 
 def _sequence_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -31,16 +35,22 @@ def _batches(items: list[Encoded], size: int, pad_id: int, device: torch.device)
 
 
 def _score_all(
-    model: nn.Module, items: list[Encoded], size: int, pad_id: int, device: torch.device
+    model: nn.Module,
+    items: list[Encoded],
+    size: int,
+    pad_id: int,
+    device: torch.device,
+    on_progress: ProgressHook | None = None,
 ) -> list[float]:
     """Sequence log-likelihoods in input order, batching sequences of similar length together."""
     order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
     sorted_items = [items[i] for i in order]
-    flat = [
-        s
-        for b in _batches(sorted_items, size, pad_id, device)
-        for s in _sequence_logprobs(model, b).tolist()
-    ]
+    total = -(-len(items) // size)
+    flat: list[float] = []
+    for done, batch in enumerate(_batches(sorted_items, size, pad_id, device), start=1):
+        flat += _sequence_logprobs(model, batch).tolist()
+        if on_progress is not None:
+            on_progress(done, total)
     scores = [0.0] * len(items)
     for position, index in enumerate(order):
         scores[index] = flat[position]
@@ -54,6 +64,7 @@ def evaluate_classification(
     examples: list[dict],
     batch_size: int,
     device: torch.device,
+    on_progress: ProgressHook | None = None,
 ) -> dict[str, float]:
     """Predict the label whose tokens are most likely after the prompt; accuracy and macro-F1."""
     was_training = model.training
@@ -61,7 +72,7 @@ def evaluate_classification(
     pad_id = task.tokenizer.pad_token_id
     k = len(task.labels)
     candidates = [c for ex in examples for c in task.candidates(ex)]
-    scores = _score_all(model, candidates, batch_size, pad_id, device)
+    scores = _score_all(model, candidates, batch_size, pad_id, device, on_progress)
     preds = [
         task.labels[max(range(k), key=lambda j: scores[i * k + j])] for i in range(len(examples))
     ]
@@ -82,6 +93,7 @@ def evaluate_lm(
     batch_size: int,
     device: torch.device,
     max_new_tokens: int = 32,
+    on_progress: ProgressHook | None = None,
 ) -> dict[str, float]:
     """Token-weighted loss and perplexity; ROUGE-L of greedy continuations of each text's first half."""
     was_training = model.training
@@ -89,10 +101,15 @@ def evaluate_lm(
     tok = task.tokenizer
     encoded = [task.encode(ex) for ex in examples]
     total, count = 0.0, 0
+    steps = -(-len(encoded) // batch_size) + len(encoded)  # scoring batches + one generation each
+    done = 0
     for batch in _batches(encoded, batch_size, tok.pad_token_id, device):
         n_targets = int((batch["labels"][:, 1:] >= 0).sum())
         total += -float(_sequence_logprobs(model, batch).sum())
         count += n_targets
+        done += 1
+        if on_progress is not None:
+            on_progress(done, steps)
     preds, refs = [], []
     for enc in encoded:
         half = max(1, len(enc.input_ids) // 2)
@@ -107,6 +124,9 @@ def evaluate_lm(
         )
         preds.append(tok.decode(out[0, half:], skip_special_tokens=True))
         refs.append(tok.decode(want, skip_special_tokens=True))
+        done += 1
+        if on_progress is not None:
+            on_progress(done, steps)
     model.train(was_training)
     loss = total / max(1, count)
     return {
@@ -122,8 +142,9 @@ def evaluate(
     examples: list[dict],
     batch_size: int,
     device: torch.device,
+    on_progress: ProgressHook | None = None,
 ) -> dict[str, float]:
     """Evaluate with the metrics of the task's kind."""
     if isinstance(task, ClassificationTask):
-        return evaluate_classification(model, task, examples, batch_size, device)
-    return evaluate_lm(model, task, examples, batch_size, device)
+        return evaluate_classification(model, task, examples, batch_size, device, on_progress)
+    return evaluate_lm(model, task, examples, batch_size, device, on_progress=on_progress)

@@ -11,9 +11,12 @@ from silotune.data.tasks import make_task
 from silotune.errors import ConfigError
 from silotune.eval.evaluate import evaluate
 from silotune.models.loading import load_model
+from silotune.progress import progress_bar, progress_hook
 
 
-def evaluate_job(cfg: JobConfig, adapter_dir: Path | None, split: str = "test") -> dict[str, float]:
+def evaluate_job(
+    cfg: JobConfig, adapter_dir: Path | None, split: str = "test", progress: bool = True
+) -> dict[str, float]:
     """Scores of the base model (+ adapter) on `split` with the job's task and data."""
     if split not in ("validation", "test"):
         raise ConfigError(f"--split must be validation or test, got '{split}'")
@@ -26,4 +29,6 @@ def evaluate_job(cfg: JobConfig, adapter_dir: Path | None, split: str = "test") 
     if adapter_dir is not None:
         model = load_adapter(model, adapter_dir).to(loaded.device)
     examples = splits.validation if split == "validation" else splits.test
-    return evaluate(model, task, examples, cfg.train.eval_batch_size, loaded.device)
+    with progress_bar(progress) as bar:
+        hook = progress_hook(bar, f"evaluate {split}")
+        return evaluate(model, task, examples, cfg.train.eval_batch_size, loaded.device, hook)

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from silotune.adapters.peft_adapters import attach_adapter, save_adapter
 from silotune.config import JobConfig, dump_config, load_config
@@ -22,6 +21,7 @@ from silotune.data.tasks import ClassificationTask, LanguageModelingTask, make_t
 from silotune.errors import CheckpointError, ConfigError
 from silotune.eval.evaluate import evaluate
 from silotune.models.loading import load_model
+from silotune.progress import progress_bar, progress_hook
 from silotune.train.checkpoint import (
     checkpoint_dirs,
     latest_checkpoint,
@@ -185,18 +185,6 @@ class MetricsLog:
             fh.write(json.dumps(record) + "\n")
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=False,
-    )
-
-
 def train_centralized(
     cfg: JobConfig,
     resume: bool = False,
@@ -246,17 +234,18 @@ def _train(
         log.info("Resuming from %s (step %d)", ckpt, start)
     metrics = MetricsLog(cfg.output_dir / METRICS_FILE, keep_until_step=start if resume else None)
     clock = time.perf_counter()
-    with _progress(progress) as bar:
-        task_id = bar.add_task("train", total=t.max_steps, completed=start, loss="-")
+    with progress_bar(progress) as bar:
+        task_id = bar.add_task("train", total=t.max_steps, completed=start, note="loss -")
         for step in range(start, t.max_steps):
             out = train_step(job.model, job.stream, step, optimizer, scheduler, t, job.device)
             done = step + 1
-            bar.update(task_id, advance=1, loss=f"{out.loss:.4f}")
+            bar.update(task_id, advance=1, note=f"loss {out.loss:.4f}")
             if done % t.log_every == 0 or done == t.max_steps:
                 metrics.write(train_record(done, out, time.perf_counter() - clock))
             if done % t.eval_every == 0 or done == t.max_steps:
+                hook = progress_hook(bar, f"validation @ {done}")
                 scores = evaluate(
-                    job.model, job.task, job.splits.validation, t.eval_batch_size, job.device
+                    job.model, job.task, job.splits.validation, t.eval_batch_size, job.device, hook
                 )
                 metrics.write({"step": done, "split": "validation", **scores})
                 log.info("step %d validation %s", done, _fmt(scores))
@@ -267,7 +256,9 @@ def _train(
                 )
     train_s = time.perf_counter() - clock
     save_adapter(job.model, cfg.output_dir / ADAPTER_DIR)
-    test = evaluate(job.model, job.task, job.splits.test, t.eval_batch_size, job.device)
+    with progress_bar(progress) as bar:
+        hook = progress_hook(bar, "test")
+        test = evaluate(job.model, job.task, job.splits.test, t.eval_batch_size, job.device, hook)
     metrics.write({"step": t.max_steps, "split": "test", **test})
     summary = {
         "mode": cfg.mode,
