@@ -63,11 +63,7 @@ def test_join_without_keys_names_the_missing_key(tmp_path):
         runner.join(cfg, "silo-0")
 
 
-def test_split_mode_rejects_prefix_adapters_and_resume(tmp_path):
-    cfg = split_cfg()
-    cfg.adapter.type = "prefix"
-    with pytest.raises(ConfigError, match="adapter.type: lora"):
-        run_job(cfg)
+def test_split_mode_rejects_resume(tmp_path):
     with pytest.raises(ConfigError, match="--resume"):
         run_job(split_cfg(), resume=True)
 

@@ -7,7 +7,9 @@ coordinator keeps the trunk. A silo loading a Llama-family safetensors folder (S
 never reads the trunk's weights at all (:func:`_load_silo_lean`); its LoRA tensors are then drawn
 from the same distribution but not the same numbers as the centralized trainer's. Adapter tensors travel under their PEFT names
 (``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight``), so a silo's tensors plus the
-coordinator's form a complete PEFT adapter.
+coordinator's form a complete PEFT adapter. A prefix adapter is cut by layer instead
+(:mod:`silotune.split.prefix`): each side's parts own their layers' prefix, named
+``prefix.layers.<i>``, and :func:`save_full_adapter` stacks them into PEFT's ``prompt_embeddings``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ from silotune.models.loading import (
 )
 from silotune.models.presets import smollm2_folder
 from silotune.models.slicing import SplitPart, SplitParts, split_model
+from silotune.split.prefix import (
+    PrefixedPart,
+    assemble_prompt_embeddings,
+    is_prefix_state,
+    prefix_embedding,
+)
 
 __all__ = [
     "ModelHalf",
@@ -54,9 +62,10 @@ class _Absent(nn.Module):
 
 def check_split_config(cfg: JobConfig) -> None:
     """Reject what split training does not support, with one sentence naming the key."""
-    if cfg.adapter.type != "lora":
+    if cfg.adapter.type not in ("lora", "prefix"):
         raise ConfigError(
-            f"mode split trains LoRA adapters only (adapter.type: lora), got '{cfg.adapter.type}'"
+            f"mode split trains LoRA or prefix adapters (adapter.type: lora or prefix), got "
+            f"'{cfg.adapter.type}'"
         )
     if cfg.data.task != "classification":
         raise ConfigError(
@@ -80,10 +89,13 @@ class PartState:
         adapter = f".{model.active_adapter}."
         self.names: list[tuple[int, str, str]] = []  # (part index, local name, PEFT name)
         for index, part in enumerate(parts):
+            prefix_names = part.state_names() if isinstance(part, PrefixedPart) else {}
             for local, param in part.named_parameters():
                 if id(param) in full:
                     peft_name = full[id(param)].replace(adapter, ".")
                     self.names.append((index, local, peft_name))
+                elif local in prefix_names and param.requires_grad:
+                    self.names.append((index, local, prefix_names[local]))
 
     def get(self, parts: Sequence[nn.Module]) -> dict[str, torch.Tensor]:
         """Detached CPU copies of the parts' trainable tensors, by PEFT name."""
@@ -226,21 +238,41 @@ def build_half(cfg: JobConfig, side: str) -> ModelHalf:
         _drop(model, [parts.trunk])
     else:
         _drop(model, [parts.head, parts.tail])
+    if cfg.adapter.type == "prefix":
+        parts = _with_prefix(model, parts, side)
         if not cfg.split.trunk_adapter:
             for param in parts.trunk.parameters():
                 param.requires_grad_(False)
     return ModelHalf(model=model, parts=parts, loaded=loaded)
 
 
+def _with_prefix(model: PeftModel, parts: SplitParts, side: str) -> SplitParts:
+    """Wrap this side's parts in :class:`PrefixedPart`: each owns its layers' prefix rows.
+
+    PEFT's own prefix embedding is frozen: the wrappers' per-layer tensors are what trains (the
+    silo never holds the trunk layers' prefix, the coordinator never the head's or tail's).
+    """
+    prefix_embedding(model).weight.requires_grad_(False)
+    if side == "silo":
+        head, tail = PrefixedPart(parts.head, model), PrefixedPart(parts.tail, model)
+        return SplitParts(head=head, trunk=parts.trunk, tail=tail)  # type: ignore[arg-type]
+    trunk = PrefixedPart(parts.trunk, model)
+    return SplitParts(head=parts.head, trunk=trunk, tail=parts.tail)  # type: ignore[arg-type]
+
+
 def save_full_adapter(model: PeftModel, state: Mapping[str, torch.Tensor], out_dir: Path) -> None:
     """Write a complete PEFT adapter: ``model``'s adapter config and all tensors in ``state``.
 
     ``state`` holds the silo's and the coordinator's tensors together; the folder then loads with
-    ``PeftModel.from_pretrained(base_model, out_dir)`` on the whole base model.
+    ``PeftModel.from_pretrained(base_model, out_dir)`` on the whole base model. A split prefix
+    (``prefix.layers.<i>`` for every layer) is stacked into PEFT's ``prompt_embeddings``.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)  # writes adapter_config.json
-    tensors = {name: t.detach().cpu().contiguous() for name, t in state.items()}
+    if is_prefix_state(state):  # per-layer prefixes of both sides -> PEFT's one embedding
+        tensors = {"prompt_embeddings": assemble_prompt_embeddings(state, model)}
+    else:
+        tensors = {name: t.detach().cpu().contiguous() for name, t in state.items()}
     save_file(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     config_path = out_dir / "adapter_config.json"
     json.loads(config_path.read_text(encoding="utf-8"))  # fail here, not at load time
