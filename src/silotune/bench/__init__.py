@@ -14,10 +14,22 @@ from silotune.errors import ConfigError
 # name -> (description, module). Each module defines `run(quick: bool, console: Console) -> dict`
 # that prints its table and returns the JSON object; the JSON line is printed here, last.
 BENCHMARKS: dict[str, tuple[str, str]] = {
-    "finetune": ("LoRA fine-tuning vs the untuned model (smollm2-135m on fortunes)", "silotune.bench.finetune"),
-    "secagg": ("secure aggregation of a 4.2M-parameter LoRA update, 4 silos: plain, masking, ckks, FedShield CKKS", "silotune.bench.secagg"),
-    "federated": ("federated (none/masking/ckks, IID and Dirichlet) vs centralized accuracy, 3 silos", "silotune.bench.federated"),
-    "split": ("split training over gRPC+TLS+AEAD vs centralized (step time, bytes, RSS)", "silotune.bench.split"),
+    "finetune": (
+        "LoRA fine-tuning vs the untuned model (smollm2-135m on fortunes)",
+        "silotune.bench.finetune",
+    ),
+    "secagg": (
+        "secure aggregation of a 4.2M-parameter LoRA update, 4 silos: plain, masking, ckks, FedShield CKKS",
+        "silotune.bench.secagg",
+    ),
+    "federated": (
+        "federated (none/masking/ckks, IID and Dirichlet) vs centralized accuracy, 3 silos",
+        "silotune.bench.federated",
+    ),
+    "split": (
+        "split training over gRPC+TLS+AEAD vs centralized (step time, bytes, RSS)",
+        "silotune.bench.split",
+    ),
 }
 
 

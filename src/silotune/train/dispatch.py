@@ -23,7 +23,9 @@ def run_job(
     if cfg.mode == "federated":
         from silotune.federated.simulation import train_federated_simulation
 
-        return train_federated_simulation(cfg, resume=resume, overwrite=overwrite, progress=progress)
+        return train_federated_simulation(
+            cfg, resume=resume, overwrite=overwrite, progress=progress
+        )
     raise ConfigError(
         f"mode '{cfg.mode}' is not available in this build (available: centralized, federated)"
     )
