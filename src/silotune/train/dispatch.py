@@ -26,6 +26,4 @@ def run_job(
         return train_federated_simulation(
             cfg, resume=resume, overwrite=overwrite, progress=progress
         )
-    raise ConfigError(
-        f"mode '{cfg.mode}' is not available in this build (available: centralized, federated)"
-    )
+    raise ConfigError(f"unknown mode '{cfg.mode}' (allowed: centralized, federated, split)")
