@@ -24,6 +24,7 @@ import copy
 import logging
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -251,7 +252,7 @@ def _evaluate(replica: Replica, hidden: torch.Tensor, mask: torch.Tensor) -> tor
     return out
 
 
-class TrunkEngine:
+class TrunkEngine(ABC):
     """Base class: the shared trunk, its adapter state, and the silo-adapter sync point.
 
     Parameters
@@ -293,24 +294,27 @@ class TrunkEngine:
 
     # the calls one session thread makes, in protocol order -----------------------------------
 
-    def add(self, member: str) -> None:
+    def add(self, member: str) -> None:  # noqa: B027 - optional hook, no-op by default
         """A silo joined."""
 
+    @abstractmethod
     def forward(self, member: str, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Trunk outputs for a silo's head activations (kept for its backward)."""
 
+    @abstractmethod
     def backward(self, member: str, grad: torch.Tensor, last: bool) -> tuple[torch.Tensor, float]:
-        raise NotImplementedError
+        """Gradient w.r.t. the silo's head activations, and the trunk's squared grad norm."""
 
+    @abstractmethod
     def commit(self, member: str, coef: float) -> None:
-        raise NotImplementedError
+        """Apply the silo's share of the trunk update (coef: its gradient-clipping factor)."""
 
     def evaluate(self, member: str, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Trunk outputs without a graph (validation)."""
         with self._lock:
             return _evaluate(self.main, self._to_device(hidden), mask.to(self.device))
 
-    def drop(self, member: str) -> None:
+    def drop(self, member: str) -> None:  # noqa: B027 - optional hook, no-op by default
         """A silo vanished; forget whatever it left half done."""
 
     def sync(
@@ -331,7 +335,7 @@ class TrunkEngine:
         )
         return result
 
-    def _after_sync(self, values: dict[str, Any]) -> None:
+    def _after_sync(self, values: dict[str, Any]) -> None:  # noqa: B027 - optional hook, no-op by default
         """Hook run once per sync round, inside the rendezvous (hierarchical averages replicas)."""
 
     def finish(self, member: str) -> dict[str, torch.Tensor]:
