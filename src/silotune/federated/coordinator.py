@@ -40,6 +40,7 @@ from silotune.train.trainer import (
     SUMMARY_FILE,
     MetricsLog,
     build_job,
+    format_scores,
 )
 
 log = logging.getLogger(__name__)
@@ -201,7 +202,7 @@ class Coordinator:
                 j.model, j.task, j.splits.validation, cfg.train.eval_batch_size, j.device
             )
             metrics.write({"step": round_no, "round": round_no, "split": "validation", **scores})
-            log.info("round %d validation %s", round_no, scores)
+            log.info("round %d validation %s", round_no, format_scores(scores))
         save_checkpoint(
             cfg.output_dir,
             round_no,

@@ -248,7 +248,7 @@ def _train(
                     job.model, job.task, job.splits.validation, t.eval_batch_size, job.device, hook
                 )
                 metrics.write({"step": done, "split": "validation", **scores})
-                log.info("step %d validation %s", done, _fmt(scores))
+                log.info("step %d validation %s", done, format_scores(scores))
                 if on_eval is not None:
                     on_eval(done, scores)
                 save_checkpoint(
@@ -271,5 +271,6 @@ def _train(
     return summary
 
 
-def _fmt(scores: dict[str, float]) -> str:
+def format_scores(scores: dict[str, float]) -> str:
+    """Scores as `name=value` pairs for logs (the example count left out)."""
     return " ".join(f"{k}={v:.4f}" for k, v in scores.items() if k != "examples")
