@@ -35,4 +35,4 @@ def test_demo_runs_every_section_and_prints_the_table(tmp_path) -> None:
         assert 0.0 <= scores["accuracy"] <= 1.0 and scores["examples"] == 80
     for section in SECTIONS:
         assert (tmp_path / section / "adapter" / "adapter_model.safetensors").is_file()
-    assert "test accuracy" in out.getvalue() and "federated, 3 silos, ckks" in out.getvalue()
+    assert "test accuracy" in out.getvalue() and "federated (3 silos, ckks)" in out.getvalue()

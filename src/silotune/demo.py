@@ -33,9 +33,9 @@ BASE_JOB: dict[str, Any] = {
     "train": {"batch_size": 8, "lr": 5e-3, "seed": 0, "log_every": 10},
 }
 TITLES = {
-    "centralized": "centralized (reference)",
-    "federated": "federated, 3 silos, ckks",
-    "split": "split, 2 silos, client-batching",
+    "centralized": "centralized",
+    "federated": "federated (3 silos, ckks)",
+    "split": "split (2 silos)",
 }
 
 
@@ -97,7 +97,7 @@ def run_demo(
 
 
 def _table(results: dict[str, Any], sections: tuple[str, ...]) -> Table:
-    table = Table(title="silotune demo: test set of fortunes-sample, before and after training")
+    table = Table(title="silotune demo: fortunes-sample test set, before and after training")
     table.add_column("metric")
     table.add_column("untrained", justify="right")
     for section in sections:
@@ -115,6 +115,6 @@ def _table(results: dict[str, Any], sections: tuple[str, ...]) -> Table:
 
     table.add_row("test accuracy", f"{before['accuracy']:.3f}", *cells("accuracy"))
     table.add_row("test macro-F1", f"{before['macro_f1']:.3f}", *cells("macro_f1"))
-    table.add_row("train loss (first -> last log)", "", *[loss(s) for s in sections])
+    table.add_row("train loss", "", *[loss(s) for s in sections])
     table.add_row("wall time (s)", "", *[f"{results[s]['seconds']:.0f}" for s in sections])
     return table
