@@ -16,8 +16,6 @@ from silotune.split import runner
 from silotune.split.parts import PartState, build_half, save_full_adapter
 from silotune.split.prefix import PREFIX_STATE, assemble_prompt_embeddings, prefix_shape
 from silotune.train.loop import (
-    Batch,
-    causal_lm_loss,
     make_optimizer,
     make_scheduler,
     train_step,
@@ -49,22 +47,6 @@ def _layers(*indices: int) -> set[str]:
     return {f"{PREFIX_STATE}{i}" for i in indices}
 
 
-def _split_convention_loss(model: PeftModel, batch: Batch) -> torch.Tensor:
-    """Centralized loss with the split parts' position convention (the prefix takes no position).
-
-    PEFT adds ``P`` to the position ids it is given, so ``- P`` here yields
-    ``position_ids_from_mask(mask)`` inside the model.
-    """
-    tokens = prefix_shape(model)[0]
-    mask = batch["attention_mask"]  # (B, T)
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=mask,
-        position_ids=position_ids_from_mask(mask) - tokens,
-    )
-    return causal_lm_loss(out.logits, batch["labels"])  # logits (B, T, V)
-
-
 @pytest.mark.parametrize("mode", ["sequential", "client-batching", "server-hierarchical"])
 def test_split_prefix_step_equals_centralized_step(mode, keys_dir):
     # grad_accum 2 and a small max_grad_norm: the joint silo + trunk norm decides the clipping.
@@ -77,9 +59,8 @@ def test_split_prefix_step_equals_centralized_step(mode, keys_dir):
     with trunk_server(cfg, keys_dir) as (service, connect_fn):
         end = silo_end(cfg, open_silo(connect_fn, keys_dir, "silo-0"))
         for step in range(2):
-            want = train_step(
-                job.model, job.stream, step, optimizer, scheduler, cfg.train, job.device,
-                loss_fn=_split_convention_loss,
+            want = train_step(  # the foundation trainer's own step: plain PEFT forward
+                job.model, job.stream, step, optimizer, scheduler, cfg.train, job.device
             )  # fmt: skip
             got = train_step(
                 end.model, job.stream, step, end.optimizer, end.scheduler, cfg.train,
@@ -149,12 +130,13 @@ def test_saved_prefix_adapter_loads_with_plain_peft(model, tmp_path, gpt2_dir):
     }
     peft = PeftModel.from_pretrained(load_model(name).model, tmp_path / "adapter")
     peft.eval()
-    tokens = prefix_shape(peft)[0]
-    with torch.no_grad():
+    with torch.no_grad():  # plain PEFT; padding-aware positions as `generate` passes them
         logits = peft(
-            input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask) - tokens
+            input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)
         ).logits  # (B, T, V)
+        right_padded = peft(input_ids=ids[1:], attention_mask=mask[1:]).logits  # no position_ids
     real = mask.bool()
+    assert (right_padded[real[1:]] - split_logits[1:][real[1:]]).abs().max().item() <= TOL
     assert (logits[real] - split_logits[real]).abs().max().item() <= TOL
     with torch.no_grad():  # the prefix matters: without it the logits differ
         with peft.disable_adapter():

@@ -23,10 +23,10 @@ model, call it with ``position_ids=position_ids_from_mask(attention_mask)``.
 Each part's ``forward`` also takes an optional P-tuning v2 ``prefix``: one ``(key, value)`` pair
 per block of that part, each ``(B, H_kv, P, D)``, exactly the per-layer tensors PEFT's prefix
 tuning puts in a ``DynamicCache`` (:meth:`SplitParts.split_prefix` cuts a whole-model prefix into
-the three parts'). Every real token attends to the prefix; the prefix takes no position (ChatGLM's
-P-tuning v2 convention), so position ids stay those of the ``(B, T)`` mask and the head needs no
-prefix length. PEFT's own forward shifts positions by ``P`` when given no ``position_ids``; the
-matching full-model call passes them::
+the three parts'). Every real token attends to the prefix. Token positions are those of the
+``(B, T)`` mask plus each part's ``position_offset`` (0 by default: the prefix takes no position,
+ChatGLM's P-tuning v2 convention; split mode sets it to ``P``, PEFT's convention, in which the
+tokens follow the ``P`` virtual tokens). With offset 0 the matching full-model call is::
 
     model(input_ids, attention_mask=torch.cat([torch.ones(B, P), mask], 1),
           position_ids=position_ids_from_mask(mask), past_key_values=DynamicCache(prefix))

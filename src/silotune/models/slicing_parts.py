@@ -80,6 +80,10 @@ class SplitPart(nn.Module):
     ) -> None:
         super().__init__()
         self.config = config
+        # Added to every token position. 0: the tokens start at 0 and a prefix takes no position.
+        # Split mode's P-tuning v2 sets it to P, as PEFT's forward places the tokens after the
+        # P virtual tokens, so split and centralized prefix training compute the same function.
+        self.position_offset = 0
         self.layer_indices: tuple[int, ...] = tuple(range(first_layer, first_layer + len(blocks)))
         # Keyed by the global layer index so that state-dict keys match the model's
         # (``layers.3.self_attn...`` here, ``model.layers.3.self_attn...`` there).
@@ -204,7 +208,7 @@ class _DecoderPart(SplitPart):
         if len(self.layer_indices) == 0:
             self._prefix_cache(prefix, attention_mask)  # still validates the prefix
             return hidden_states
-        position_ids = position_ids_from_mask(attention_mask)  # (B, T)
+        position_ids = position_ids_from_mask(attention_mask) + self.position_offset  # (B, T)
         cache, full_mask = self._prefix_cache(prefix, attention_mask)  # full_mask (B, P + T)
         masks = {
             kind: _MASK_BUILDERS[kind](
@@ -300,7 +304,7 @@ class _GPT2Part(SplitPart):
         if len(self.layer_indices) == 0:
             self._prefix_cache(prefix, attention_mask)  # still validates the prefix
             return hidden_states
-        position_ids = position_ids_from_mask(attention_mask)  # (B, T)
+        position_ids = position_ids_from_mask(attention_mask) + self.position_offset  # (B, T)
         cache, full_mask = self._prefix_cache(prefix, attention_mask)  # full_mask (B, P + T)
         causal_mask = create_causal_mask(
             config=self.config,
@@ -340,7 +344,7 @@ class GPT2Head(_GPT2Part):
     ) -> torch.Tensor:
         """Map ``input_ids (B, T)`` and ``attention_mask (B, T)`` to hidden states ``(B, T, C)``."""
         attention_mask = self._checked_mask(input_ids, attention_mask)
-        position_ids = position_ids_from_mask(attention_mask)  # (B, T)
+        position_ids = position_ids_from_mask(attention_mask) + self.position_offset  # (B, T)
         hidden_states = self.wte(input_ids) + self.wpe(position_ids)  # (B, T, C)
         hidden_states = self.drop(hidden_states)
         return self._run_blocks(hidden_states, attention_mask, prefix)  # (B, T, C)

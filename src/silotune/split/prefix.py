@@ -12,10 +12,10 @@ The per-layer tensors travel and are averaged under the names ``prefix.layers.<i
 :func:`assemble_prompt_embeddings` stacks all ``L`` of them back into PEFT's
 ``prompt_embeddings`` tensor, so the saved adapter loads with ``PeftModel.from_pretrained``.
 
-Position convention: the split parts give the prefix no position (see
-:mod:`silotune.models.slicing`), while PEFT's forward shifts positions by ``P``. A PEFT model gives
-the split parts' logits when called with ``position_ids=position_ids_from_mask(mask) - P``
-(PEFT adds ``P`` back).
+Position convention: PEFT's, so that a split prefix step equals the centralized trainer's step and
+the saved adapter behaves under plain PEFT as it did in training. The tokens sit at positions
+``P, P+1, ...`` after the ``P`` virtual tokens: :class:`PrefixedPart` sets the wrapped part's
+``position_offset`` to ``P``.
 """
 
 from __future__ import annotations
@@ -83,6 +83,9 @@ class PrefixedPart(nn.Module):
         self.part = part
         self.layer_indices: tuple[int, ...] = tuple(getattr(part, "layer_indices", ()))
         tokens, layers, heads, dim = prefix_shape(model)
+        # PEFT's convention: the tokens sit at positions P, P+1, ... after the virtual tokens
+        # (every part, even a GPT-2 head without blocks, whose position embedding needs it).
+        part.position_offset = tokens
         weight = prefix_embedding(model).weight.detach()
         table = weight.view(tokens, layers, 2, heads, dim)  # (P, L, 2, H_kv, D)
         self.prefix_layers = nn.ParameterDict(
