@@ -11,6 +11,7 @@ for how a model is cut.
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -180,6 +181,37 @@ class SplitPart(nn.Module):
         return cache, torch.cat([prefix_mask, attention_mask], dim=1)  # (B, P + T)
 
 
+class _TrunkForward(SplitPart):
+    """Forward of a trunk: its blocks only (shared by every architecture)."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prefix: PrefixKV | None = None,
+    ) -> torch.Tensor:
+        """Map hidden states ``(B, T, C)`` and ``attention_mask (B, T)`` to ``(B, T, C)``."""
+        return self._blocks_forward(hidden_states, attention_mask, prefix)  # (B, T, C)
+
+
+class _TailForward(SplitPart, metaclass=ABCMeta):
+    """Forward of a tail: its blocks, the final norm and the LM head (every architecture)."""
+
+    @abstractmethod
+    def final_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The architecture's final normalisation (named as in its checkpoints)."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prefix: PrefixKV | None = None,
+    ) -> torch.Tensor:
+        """Map hidden states ``(B, T, C)`` and ``attention_mask (B, T)`` to logits ``(B, T, V)``."""
+        hidden_states = self._blocks_forward(hidden_states, attention_mask, prefix)  # (B, T, C)
+        return self.lm_head(self.final_norm(hidden_states))  # type: ignore[no-any-return]
+
+
 # ----------------------------------------------------------------------------- Llama family
 
 
@@ -253,20 +285,11 @@ class DecoderHead(_DecoderPart):
         return self._run_blocks(hidden_states, attention_mask, prefix)  # (B, T, C)
 
 
-class DecoderTrunk(_DecoderPart):
+class DecoderTrunk(_TrunkForward, _DecoderPart):
     """The middle blocks of a Llama-family model (runs on the coordinator)."""
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor,
-        prefix: PrefixKV | None = None,
-    ) -> torch.Tensor:
-        """Map hidden states ``(B, T, C)`` and ``attention_mask (B, T)`` to ``(B, T, C)``."""
-        return self._blocks_forward(hidden_states, attention_mask, prefix)  # (B, T, C)
 
-
-class DecoderTail(_DecoderPart):
+class DecoderTail(_TailForward, _DecoderPart):
     """The last blocks + final norm + LM head of a Llama-family model (runs on the silo)."""
 
     def __init__(self, norm: nn.Module, lm_head: nn.Module, **part: Any) -> None:
@@ -274,15 +297,8 @@ class DecoderTail(_DecoderPart):
         self.norm = norm
         self.lm_head = lm_head
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor,
-        prefix: PrefixKV | None = None,
-    ) -> torch.Tensor:
-        """Map hidden states ``(B, T, C)`` and ``attention_mask (B, T)`` to logits ``(B, T, V)``."""
-        hidden_states = self._blocks_forward(hidden_states, attention_mask, prefix)  # (B, T, C)
-        return self.lm_head(self.norm(hidden_states))  # (B, T, V)
+    def final_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden_states)  # type: ignore[no-any-return]
 
 
 # ----------------------------------------------------------------------------- GPT-2
@@ -350,20 +366,11 @@ class GPT2Head(_GPT2Part):
         return self._run_blocks(hidden_states, attention_mask, prefix)  # (B, T, C)
 
 
-class GPT2Trunk(_GPT2Part):
+class GPT2Trunk(_TrunkForward, _GPT2Part):
     """The middle blocks of GPT-2 (runs on the coordinator)."""
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor,
-        prefix: PrefixKV | None = None,
-    ) -> torch.Tensor:
-        """Map hidden states ``(B, T, C)`` and ``attention_mask (B, T)`` to ``(B, T, C)``."""
-        return self._blocks_forward(hidden_states, attention_mask, prefix)  # (B, T, C)
 
-
-class GPT2Tail(_GPT2Part):
+class GPT2Tail(_TailForward, _GPT2Part):
     """The last blocks + final layer norm + LM head of GPT-2 (runs on the silo)."""
 
     def __init__(self, ln_f: nn.Module, lm_head: nn.Module, **part: Any) -> None:
@@ -371,12 +378,5 @@ class GPT2Tail(_GPT2Part):
         self.ln_f = ln_f
         self.lm_head = lm_head
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor,
-        prefix: PrefixKV | None = None,
-    ) -> torch.Tensor:
-        """Map hidden states ``(B, T, C)`` and ``attention_mask (B, T)`` to logits ``(B, T, V)``."""
-        hidden_states = self._blocks_forward(hidden_states, attention_mask, prefix)  # (B, T, C)
-        return self.lm_head(self.ln_f(hidden_states))  # (B, T, V)
+    def final_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.ln_f(hidden_states)  # type: ignore[no-any-return]
