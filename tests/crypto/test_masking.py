@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from silotune.crypto import masking, prg
+from silotune.crypto import masking_wire, prg
 from silotune.crypto.exceptions import AuthenticationError, CryptoError
 from silotune.crypto.masking import (
     STAGE_COLLECT_MASKED_VECTORS,
@@ -165,8 +165,8 @@ def test_client_refuses_to_reveal_both_shares_of_one_silo():
     r.keys()
     r.upload(ups)
     # A malicious server names silo 22 both survivor and dropped.
-    body = masking._pack_ids([11, 22, 33]) + masking._pack_ids([22])
-    evil = masking._pack(masking._KIND_UNMASK, 0, 0, body)
+    body = masking_wire.pack_ids([11, 22, 33]) + masking_wire.pack_ids([22])
+    evil = masking_wire.pack_message(masking_wire.KIND_UNMASK, 0, 0, body)
     with pytest.raises(CryptoError, match="Refusing to reveal both shares of silos \\[22\\]"):
         r.clients[11].handle(STAGE_UNMASK, evil)
 

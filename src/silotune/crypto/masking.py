@@ -25,22 +25,38 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import secrets
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from numpy.typing import ArrayLike, NDArray
 
 from silotune.crypto import prg, shamir
 from silotune.crypto.exceptions import AuthenticationError, CryptoError, KeyMaterialError
-from silotune.crypto.fixedpoint import FixedPointCodec
+from silotune.crypto.masking_wire import (
+    KIND_BUNDLE,
+    KIND_KEYS,
+    KIND_MASKED,
+    KIND_PUBKEY,
+    KIND_REVEAL,
+    KIND_UNMASK,
+    STAGE_COLLECT_MASKED_VECTORS,
+    STAGE_SETUP,
+    STAGE_SHARE_KEYS,
+    STAGE_UNMASK,
+    STAGES,
+    VERSION,
+    SecAggConfig,
+    pack_ids,
+    pack_message,
+    pair_seed,
+    parse_key_broadcast,
+    parse_unmask_request,
+    unpack_message,
+)
 
 __all__ = [
     "STAGE_SETUP",
@@ -56,167 +72,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-STAGE_SETUP = "setup"
-STAGE_SHARE_KEYS = "share_keys"
-STAGE_COLLECT_MASKED_VECTORS = "collect_masked_vectors"
-STAGE_UNMASK = "unmask"
-STAGES = (STAGE_SETUP, STAGE_SHARE_KEYS, STAGE_COLLECT_MASKED_VECTORS, STAGE_UNMASK)
-
-VERSION = 1
-MAX_SILOS = 255
-MAX_VECTOR_LENGTH = 1 << 31
-_MAGIC = b"STSA"
-_HEAD = struct.Struct(">4sBBQQ")  # magic, version, kind, round_id, sender
-_KIND_PUBKEY, _KIND_KEYS, _KIND_BUNDLE, _KIND_MASKED, _KIND_UNMASK, _KIND_REVEAL = range(1, 7)
 _SHARE_SELF, _SHARE_KEY = 0, 1
-_PAIR_SALT = b"silotune/secagg/v1/pair"
 _LABEL_SELF, _LABEL_PAIR = b"secagg/self", b"secagg/pair"
-
-
-@dataclass(frozen=True)
-class SecAggConfig:
-    """Parameters of one secure-aggregation round, sent by the server in ``STAGE_SETUP``.
-
-    Parameters
-    ----------
-    round_id : int
-        Round number, 0 <= round_id < 2**64; bound into every message and PRG stream.
-    silo_ids : tuple of int
-        Distinct silo ids, 0 <= id < 2**63, 2 to 255 of them (stored sorted).
-    threshold : int
-        Shares needed for recovery, ``len(silo_ids) // 2 + 1 <= threshold <= len(silo_ids)``.
-    vector_length : int
-        Number of values in each update, 1 <= vector_length <= 2**31.
-    clip : float
-        Each (pre-weighted) value is clipped to ``[-clip, clip]``.
-    """
-
-    round_id: int
-    silo_ids: tuple[int, ...]
-    threshold: int
-    vector_length: int
-    clip: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.round_id, int) or not 0 <= self.round_id < 1 << 64:
-            raise ValueError(f"round_id must be an int in [0, 2**64), got {self.round_id!r}.")
-        ids = tuple(self.silo_ids)
-        if not all(isinstance(i, int) and 0 <= i < 1 << 63 for i in ids):
-            raise ValueError("silo_ids must be ints in [0, 2**63).")
-        if len(set(ids)) != len(ids) or not 2 <= len(ids) <= MAX_SILOS:
-            raise ValueError(f"silo_ids must be 2 to {MAX_SILOS} distinct ids, got {len(ids)}.")
-        object.__setattr__(self, "silo_ids", tuple(sorted(ids)))
-        n = len(ids)
-        if not isinstance(self.threshold, int) or not n // 2 + 1 <= self.threshold <= n:
-            raise ValueError(
-                f"threshold must be an int in [{n // 2 + 1}, {n}] for {n} silos, "
-                f"got {self.threshold!r}."
-            )
-        if not isinstance(self.vector_length, int) or not (
-            1 <= self.vector_length <= MAX_VECTOR_LENGTH
-        ):
-            raise ValueError(
-                f"vector_length must be an int in [1, {MAX_VECTOR_LENGTH}], "
-                f"got {self.vector_length!r}."
-            )
-        if (
-            not isinstance(self.clip, (int, float))
-            or not math.isfinite(self.clip)
-            or self.clip <= 0
-        ):
-            raise ValueError(f"clip must be a finite number > 0, got {self.clip!r}.")
-
-    @property
-    def codec(self) -> FixedPointCodec:
-        """The uint32 codec whose sum over all silos cannot wrap."""
-        return FixedPointCodec(clip=float(self.clip), n_silos=len(self.silo_ids), bits=32)
-
-    def share_x(self, silo_id: int) -> int:
-        """Shamir x coordinate held by ``silo_id`` (its 1-based position in ``silo_ids``)."""
-        return self.silo_ids.index(silo_id) + 1
-
-    def to_bytes(self) -> bytes:
-        """Serialize as versioned JSON."""
-        doc = {
-            "version": VERSION,
-            "round_id": self.round_id,
-            "silo_ids": list(self.silo_ids),
-            "threshold": self.threshold,
-            "vector_length": self.vector_length,
-            "clip": float(self.clip),
-        }
-        return json.dumps(doc, sort_keys=True).encode()
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> SecAggConfig:
-        """Parse and validate a config message."""
-        try:
-            doc = json.loads(bytes(data).decode())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError("SecAgg config is not valid UTF-8 JSON.") from exc
-        keys = {"version", "round_id", "silo_ids", "threshold", "vector_length", "clip"}
-        if not isinstance(doc, dict) or set(doc) != keys:
-            raise ValueError(f"SecAgg config must be a JSON object with keys {sorted(keys)}.")
-        if doc["version"] != VERSION:
-            raise ValueError(f"SecAgg config version must be {VERSION}, got {doc['version']!r}.")
-        if not isinstance(doc["silo_ids"], list):
-            raise ValueError("SecAgg config silo_ids must be a list of ints.")
-        return cls(
-            round_id=doc["round_id"],
-            silo_ids=tuple(doc["silo_ids"]),
-            threshold=doc["threshold"],
-            vector_length=doc["vector_length"],
-            clip=doc["clip"],
-        )
-
-
-def pair_seed(
-    private_key: X25519PrivateKey, peer_public: bytes, round_id: int, a: int, b: int
-) -> bytes:
-    """Derive the 32-byte pairwise mask seed of silos ``a`` and ``b`` for one round.
-
-    Both silos get the same seed: X25519 is symmetric and the HKDF info orders the ids.
-    """
-    try:
-        shared = private_key.exchange(X25519PublicKey.from_public_bytes(peer_public))
-    except ValueError as exc:
-        raise KeyMaterialError(f"X25519 exchange with silo key failed: {exc}") from exc
-    lo, hi = sorted((a, b))
-    info = struct.pack(">QQQ", round_id, lo, hi)
-    return HKDF(hashes.SHA256(), 32, _PAIR_SALT, info).derive(shared)
-
-
-def _pack(kind: int, round_id: int, sender: int, body: bytes) -> bytes:
-    return _HEAD.pack(_MAGIC, VERSION, kind, round_id, sender) + body
-
-
-def _unpack(data: bytes, kind: int, round_id: int, what: str) -> tuple[int, memoryview]:
-    if not isinstance(data, (bytes, bytearray)):
-        raise TypeError(f"{what} must be bytes, got {type(data).__name__}.")
-    if len(data) < _HEAD.size:
-        raise CryptoError(f"{what} is truncated: {len(data)} bytes, header needs {_HEAD.size}.")
-    magic, version, got_kind, got_round, sender = _HEAD.unpack_from(data, 0)
-    if magic != _MAGIC or version != VERSION:
-        raise CryptoError(f"{what} has a bad magic or version (expected {_MAGIC!r} v{VERSION}).")
-    if got_kind != kind:
-        raise CryptoError(f"{what} has message kind {got_kind}, expected {kind}.")
-    if got_round != round_id:
-        raise CryptoError(f"{what} is for round {got_round}, expected round {round_id}.")
-    return sender, memoryview(data)[_HEAD.size :]
-
-
-def _pack_ids(ids: list[int]) -> bytes:
-    return struct.pack(f">H{len(ids)}Q", len(ids), *ids)
-
-
-def _unpack_ids(body: memoryview, off: int, what: str) -> tuple[list[int], int]:
-    if len(body) < off + 2:
-        raise CryptoError(f"{what} is truncated.")
-    (count,) = struct.unpack_from(">H", body, off)
-    end = off + 2 + 8 * count
-    if len(body) < end:
-        raise CryptoError(f"{what} is truncated.")
-    return list(struct.unpack_from(f">{count}Q", body, off + 2)), end
 
 
 class MaskingClient:
@@ -318,7 +175,7 @@ class MaskingClient:
         self._mask_key = X25519PrivateKey.generate()  # fresh every round
         self._self_seed = secrets.token_bytes(32)
         pk = self._mask_key.public_key().public_bytes_raw()
-        return _pack(_KIND_PUBKEY, config.round_id, self.silo_id, pk)
+        return pack_message(KIND_PUBKEY, config.round_id, self.silo_id, pk)
 
     def share_keys(self, broadcast: bytes) -> dict[int, bytes]:
         """``STAGE_SHARE_KEYS``: check the key broadcast; return ``{peer_id: bundle}``.
@@ -327,7 +184,7 @@ class MaskingClient:
         for one peer. The caller must encrypt every bundle end-to-end for that peer.
         """
         config = self._expect(STAGE_SETUP, STAGE_SHARE_KEYS)
-        keys = _parse_key_broadcast(broadcast, config)
+        keys = parse_key_broadcast(broadcast, config)
         own = self._mask_key.public_key().public_bytes_raw()
         if keys.get(self.silo_id) != own:
             raise AuthenticationError(
@@ -344,7 +201,7 @@ class MaskingClient:
             if peer == self.silo_id:
                 self._held[peer] = (self_shares[x], key_shares[x])
             else:
-                bundles[peer] = _pack(_KIND_BUNDLE, config.round_id, self.silo_id, body)
+                bundles[peer] = pack_message(KIND_BUNDLE, config.round_id, self.silo_id, body)
         return bundles
 
     def masked_update(self, bundles: Mapping[int, bytes], update: ArrayLike) -> bytes:
@@ -354,7 +211,7 @@ class MaskingClient:
         if vec.size != config.vector_length:
             raise ValueError(f"update has {vec.size} values, config says {config.vector_length}.")
         for sender, bundle in bundles.items():
-            owner, body = _unpack(bundle, _KIND_BUNDLE, config.round_id, "Share bundle")
+            owner, body = unpack_message(bundle, KIND_BUNDLE, config.round_id, "Share bundle")
             if owner != sender or sender not in self._public_keys or sender == self.silo_id:
                 raise AuthenticationError(f"Share bundle from silo {sender} names owner {owner}.")
             if len(body) != 8 + 2 * shamir.SHARE_BYTES:
@@ -388,7 +245,7 @@ class MaskingClient:
             else:
                 masked -= mask
         upload = struct.pack(">Q", n) + masked.astype("<u4").tobytes()
-        return _pack(_KIND_MASKED, r, self.silo_id, upload)
+        return pack_message(KIND_MASKED, r, self.silo_id, upload)
 
     def unmask(self, request: bytes) -> bytes:
         """``STAGE_UNMASK``: reveal self-seed shares of survivors and key shares of dropped silos.
@@ -399,7 +256,7 @@ class MaskingClient:
         config = self._expect(STAGE_COLLECT_MASKED_VECTORS, STAGE_UNMASK)
         if self._unmasked:
             raise CryptoError("This silo already answered the unmask request of this round.")
-        survivors, dropped = _parse_unmask_request(request, config)
+        survivors, dropped = parse_unmask_request(request, config)
         both = set(survivors) & set(dropped)
         if both:
             raise CryptoError(f"Refusing to reveal both shares of silos {sorted(both)}.")
@@ -416,37 +273,7 @@ class MaskingClient:
         entries = [struct.pack(">QB", k, _SHARE_SELF) + self._held[k][0] for k in survivors]
         entries += [struct.pack(">QB", j, _SHARE_KEY) + self._held[j][1] for j in dropped]
         body = struct.pack(">H", len(entries)) + b"".join(entries)
-        return _pack(_KIND_REVEAL, config.round_id, self.silo_id, body)
-
-
-def _parse_key_broadcast(data: bytes, config: SecAggConfig) -> dict[int, bytes]:
-    _, body = _unpack(data, _KIND_KEYS, config.round_id, "Key broadcast")
-    (count,) = struct.unpack_from(">H", body, 0) if len(body) >= 2 else (-1,)
-    if count < 0 or len(body) != 2 + 40 * count:
-        raise CryptoError("Key broadcast is truncated or has trailing bytes.")
-    keys: dict[int, bytes] = {}
-    for k in range(count):
-        (sid,) = struct.unpack_from(">Q", body, 2 + 40 * k)
-        if sid not in config.silo_ids or sid in keys:
-            raise CryptoError(f"Key broadcast names unknown or duplicate silo {sid}.")
-        keys[sid] = bytes(body[10 + 40 * k : 42 + 40 * k])
-    if len(keys) < config.threshold:
-        raise CryptoError(
-            f"Key broadcast has {len(keys)} keys; the threshold is {config.threshold}."
-        )
-    return keys
-
-
-def _parse_unmask_request(data: bytes, config: SecAggConfig) -> tuple[list[int], list[int]]:
-    _, body = _unpack(data, _KIND_UNMASK, config.round_id, "Unmask request")
-    survivors, off = _unpack_ids(body, 0, "Unmask request")
-    dropped, off = _unpack_ids(body, off, "Unmask request")
-    if off != len(body):
-        raise CryptoError("Unmask request has trailing bytes.")
-    for group in (survivors, dropped):
-        if len(set(group)) != len(group):
-            raise CryptoError("Unmask request lists a silo twice.")
-    return survivors, dropped
+        return pack_message(KIND_REVEAL, config.round_id, self.silo_id, body)
 
 
 class MaskingServer:
@@ -489,7 +316,9 @@ class MaskingServer:
         """Record one silo's mask public key (answer to ``STAGE_SETUP``)."""
         if self._u1 is not None:
             raise CryptoError("Public keys arrived after the key broadcast was sent.")
-        sender, body = _unpack(message, _KIND_PUBKEY, self.config.round_id, "Public key message")
+        sender, body = unpack_message(
+            message, KIND_PUBKEY, self.config.round_id, "Public key message"
+        )
         if sender not in self.config.silo_ids or sender in self._keys:
             raise CryptoError(f"Public key from unknown or repeated silo {sender}.")
         if len(body) != 32:
@@ -505,7 +334,7 @@ class MaskingServer:
         self._u1 = sorted(self._keys)
         body = struct.pack(">H", len(self._u1))
         body += b"".join(struct.pack(">Q", s) + self._keys[s] for s in self._u1)
-        return _pack(_KIND_KEYS, self.config.round_id, 0, body)
+        return pack_message(KIND_KEYS, self.config.round_id, 0, body)
 
     def receive_bundles(self, sender: int, bundles: Mapping[int, bytes]) -> None:
         """Record one silo's (caller-encrypted, opaque) bundles; the silo joins ``U2``."""
@@ -533,7 +362,7 @@ class MaskingServer:
         """Record one masked upload; the silo joins ``U3``."""
         if self._u2 is None or self._request is not None:
             raise CryptoError("Masked uploads arrive only after routing shares, before unmasking.")
-        sender, body = _unpack(message, _KIND_MASKED, self.config.round_id, "Masked upload")
+        sender, body = unpack_message(message, KIND_MASKED, self.config.round_id, "Masked upload")
         if sender not in self._u2 or sender in self._masked:
             raise CryptoError(f"Masked upload from unknown or repeated silo {sender}.")
         n = self.config.vector_length
@@ -553,8 +382,8 @@ class MaskingServer:
             )
         dropped = [s for s in self._u2 if s not in self._masked]
         self._request = (survivors, dropped)
-        return _pack(
-            _KIND_UNMASK, self.config.round_id, 0, _pack_ids(survivors) + _pack_ids(dropped)
+        return pack_message(
+            KIND_UNMASK, self.config.round_id, 0, pack_ids(survivors) + pack_ids(dropped)
         )
 
     def receive_reveal(self, message: bytes) -> None:
@@ -562,7 +391,7 @@ class MaskingServer:
         if self._request is None:
             raise CryptoError("Reveals arrive only after the unmask request.")
         survivors, dropped = self._request
-        sender, body = _unpack(message, _KIND_REVEAL, self.config.round_id, "Reveal")
+        sender, body = unpack_message(message, KIND_REVEAL, self.config.round_id, "Reveal")
         if sender not in survivors or sender in self._reveals:
             raise CryptoError(f"Reveal from silo {sender}, which is not an unrevealed survivor.")
         wanted = {(k, _SHARE_SELF) for k in survivors} | {(j, _SHARE_KEY) for j in dropped}
