@@ -207,8 +207,10 @@ class Inbox:
             self._cond.notify_all()
             return True
 
-    def get(self, timeout: float | None = None) -> bytes:
+    def get(self, timeout: float | None = None, sender: str = "the peer") -> bytes:
         """Return the oldest message (still returned after a close without ``discard``).
+
+        ``sender`` names the peer in the timeout error.
 
         Raises
         ------
@@ -224,7 +226,7 @@ class Inbox:
                     raise ConnectionClosed(self._closed_reason)
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    raise TransportTimeout(f"No message within {timeout} s.")
+                    raise TransportTimeout(f"No message from {sender} within {timeout} s.")
                 self._cond.wait(remaining)
             message = self._items.popleft()
             self._bytes -= len(message)

@@ -30,7 +30,6 @@ from silotune.transport.base import (
     Inbox,
     MessageTooLarge,
     TransportError,
-    TransportTimeout,
     as_message,
 )
 from silotune.transport.chunking import Reassembler, iter_chunks
@@ -144,10 +143,7 @@ class GrpcConnection:
         TransportTimeout
             If no message arrived within ``timeout`` seconds.
         """
-        try:
-            return self._inbox.get(timeout)
-        except TransportTimeout:
-            raise TransportTimeout(f"No message from {self._peer} within {timeout} s.") from None
+        return self._inbox.get(timeout, sender=self._peer)
 
     def close(self, grace: float = 2.0) -> None:
         """Finish sending what is queued, end the stream, and stop; idempotent.

@@ -16,7 +16,6 @@ from silotune.transport.base import (
     Inbox,
     MessageTooLarge,
     TransportError,
-    TransportTimeout,
     as_message,
 )
 
@@ -86,10 +85,7 @@ class InProcessConnection:
         TransportTimeout
             If no message arrived within ``timeout`` seconds.
         """
-        try:
-            return self._inbox.get(timeout)
-        except TransportTimeout:
-            raise TransportTimeout(f"No message from {self._peer} within {timeout} s.") from None
+        return self._inbox.get(timeout, sender=self._peer)
 
     def close(self) -> None:
         """Close both directions; idempotent."""
