@@ -15,7 +15,7 @@ Protocol, one round, silos ``i`` with ids from :class:`SecAggConfig` (``U1 >= U2
    ``U3`` and of ``sk_j`` for each ``j`` in ``D``, never both for one silo (enforced). With at least
    ``t`` answers the server rebuilds the seeds, removes every mask and decodes the plain sum.
 
-Masks come from :mod:`silotune.crypto.prg` (AES-256-CTR), never from ``numpy.random``; every round
+Masks come from :mod:`silotune.crypto.prg` (AES-256-CTR), never a statistical generator; every round
 uses fresh keys and seeds. Callers pre-weight updates by ``n_i / N`` so the sum is the weighted
 FedAvg; values are clipped and quantised by :class:`~silotune.crypto.fixedpoint.FixedPointCodec`
 (32 bits, ``n_silos = len(silo_ids)``), so the decoded sum is within ``codec.sum_tolerance()``.
