@@ -10,6 +10,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from silotune.enclave.config import EnclaveConfig
 from silotune.errors import ConfigError
 from silotune.federated.config import FederationConfig
 from silotune.split.config import SplitConfig
@@ -31,6 +32,24 @@ class ModelConfig(_Strict):
     )
 
 
+class SPFConfig(_Strict):
+    """Sparsification Parameter Fine-tuning: train chosen heads and FFN rows of the base weights."""
+
+    enabled: bool = Field(False, description="train SPF-selected base weights alongside LoRA")
+    head_ratio: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="fraction of attention heads trained in each of Q, K and V (top by L1 norm)",
+    )
+    ffn_ratio: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="fraction of FFN neurons trained (rows of the up/gate projections, by L1 norm)",
+    )
+
+
 class AdapterConfig(_Strict):
     """The trainable adapter; the base model stays frozen."""
 
@@ -42,6 +61,15 @@ class AdapterConfig(_Strict):
         None, description="modules that get LoRA; default per architecture (q and v projections)"
     )
     num_virtual_tokens: int = Field(16, gt=0, description="prefix length for type: prefix")
+    placement: Literal["ree", "enclave"] = Field(
+        "ree",
+        description="where the adapter and its optimizer state live: ree = with the model; "
+        "enclave = only inside the enclave, the frozen linear work done in the REE on masked inputs",
+    )
+    spf: SPFConfig = Field(
+        default_factory=SPFConfig,
+        description="SPF + LoRA: sparse base-weight deltas trained with LoRA on the other targets",
+    )
 
     @property
     def lora_alpha(self) -> float:
@@ -106,6 +134,7 @@ class JobConfig(_Strict):
     output_dir: Path = Field(Path("runs/job"), description="where checkpoints and metrics go")
     federation: FederationConfig = Field(default_factory=FederationConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
+    enclave: EnclaveConfig = Field(default_factory=EnclaveConfig)
 
     @field_validator("model", mode="before")
     @classmethod
@@ -243,8 +272,7 @@ def reference_markdown() -> str:
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             lines += [f"## `{name}`", "", (annotation.__doc__ or "").strip(), ""]
             lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
-            for key, sub in annotation.model_fields.items():
-                lines.append(_reference_row(f"{name}.{key}", sub))
+            lines += _section_rows(name, annotation)
             lines.append("")
     top = [
         _reference_row(n, f)
@@ -255,6 +283,18 @@ def reference_markdown() -> str:
     return "\n".join(lines[:5] + head + top + [""] + lines[5:]).rstrip() + "\n"
 
 
+def _section_rows(prefix: str, section: type[BaseModel]) -> list[str]:
+    """Rows of every key of ``section``, nested sections (adapter.spf) flattened after it."""
+    rows: list[str] = []
+    for key, sub in section.model_fields.items():
+        annotation = sub.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows += _section_rows(f"{prefix}.{key}", annotation)
+        else:
+            rows.append(_reference_row(f"{prefix}.{key}", sub))
+    return rows
+
+
 def _reference_row(key: str, field: Any) -> str:
     if get_origin(field.annotation) is Literal:
         kind = "one of " + ", ".join(str(a) for a in get_args(field.annotation))
@@ -263,6 +303,6 @@ def _reference_row(key: str, field: Any) -> str:
             str(field.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
         )
         kind = kind.replace("pathlib.", "").replace(" | ", " or ")
-    default = field.default if field.default_factory is None else "(section)"
+    default = field.default if field.default_factory is None else field.default_factory()
     shown = "null" if default is None else str(default)
     return f"| `{key}` | {kind} | `{shown}` | {field.description or ''} |"

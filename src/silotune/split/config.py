@@ -31,6 +31,11 @@ class SplitConfig(_Strict):
         True,
         description="the coordinator trains LoRA on the trunk blocks (else the trunk is frozen)",
     )
+    trunk_in_enclave: bool = Field(
+        False,
+        description="run the trunk inside the coordinator's (attested) enclave; silos verify its "
+        "quote and key their channel to it, the host relays only ciphertext",
+    )
     keys_dir: Path | None = Field(
         None,
         description="identity keys (serve/join): coordinator.key + enrollment.json on the "

@@ -1,0 +1,1 @@
+"""Trusted execution: enclave interface, simulated backend, attestation, sealing."""
