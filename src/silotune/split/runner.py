@@ -40,7 +40,7 @@ from silotune.split.parts import (
     save_full_adapter,
 )
 from silotune.split.session import FrameSession, SplitError, open_session
-from silotune.split.silo import CoordinatorAverager, SplitSilo, TrunkLink
+from silotune.split.silo import SplitSilo, TrunkLink, make_averager
 from silotune.split.trunk import TrunkService
 from silotune.train.loop import BatchStream, make_optimizer, make_scheduler, train_step
 from silotune.train.trainer import (
@@ -162,7 +162,7 @@ def _train_silo(
     )
     model = SplitSilo(half.parts.head, half.parts.tail, link).to(device)
     names = PartState(half.model, [half.parts.head, half.parts.tail])
-    averager = CoordinatorAverager(link)
+    averager = make_averager(cfg, link)
     examples = len(stream.examples)
     link.join(examples)
     optimizer = make_optimizer(model, t)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -36,6 +36,9 @@ from silotune.split.frames import (
 from silotune.split.parts import PartState
 from silotune.split.session import FrameSession, SplitError
 from silotune.train.loop import Batch, causal_lm_loss
+
+if TYPE_CHECKING:
+    from silotune.config import JobConfig
 
 __all__ = ["CoordinatorAverager", "LMOutput", "SplitSilo", "TrunkLink"]
 
@@ -228,6 +231,12 @@ class CoordinatorAverager:
     ) -> dict[str, torch.Tensor]:
         """Return the weighted average of every live silo's ``state``."""
         return self.link.sync(state, examples)
+
+
+def make_averager(cfg: JobConfig, link: TrunkLink) -> CoordinatorAverager:
+    """The silo-adapter averager this job's config asks for (the split runner's one entry point)."""
+    del cfg  # one kind today; the config chooses once there are more
+    return CoordinatorAverager(link)
 
 
 def silo_parts_state(model: nn.Module, head: nn.Module, tail: nn.Module) -> PartState:
