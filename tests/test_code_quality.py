@@ -24,7 +24,9 @@ def test_ruff_lint_is_clean() -> None:
 
 @pytest.mark.slow
 def test_security_packages_pass_mypy_strict() -> None:
-    packages = [str(SRC / name) for name in ("crypto", "transport", "enclave") if (SRC / name).is_dir()]
+    packages = [
+        str(SRC / name) for name in ("crypto", "transport", "enclave") if (SRC / name).is_dir()
+    ]
     result = _run("mypy", "--strict", *packages)
     assert result.returncode == 0, result.stdout + result.stderr
 
