@@ -35,18 +35,24 @@ class ModelConfig(_Strict):
 class SPFConfig(_Strict):
     """Sparsification Parameter Fine-tuning: train chosen heads and FFN rows of the base weights."""
 
-    enabled: bool = Field(False, description="train SPF-selected base weights alongside LoRA")
+    enabled: bool = Field(
+        False,
+        description="train SPF-selected rows of the base weights alongside LoRA (docs/spf.md); "
+        "LoRA then defaults to the projections SPF does not train",
+    )
     head_ratio: float = Field(
         0.5,
         gt=0,
         le=1,
-        description="fraction of attention heads trained in each of Q, K and V (top by L1 norm)",
+        description="fraction of attention heads trained in each of Q, K and V, top by L1 norm "
+        "(ceil, at least one head)",
     )
     ffn_ratio: float = Field(
         0.5,
         gt=0,
         le=1,
-        description="fraction of FFN neurons trained (rows of the up/gate projections, by L1 norm)",
+        description="fraction of FFN neurons trained, top by L1 norm of their up-projection row; "
+        "the gate projection trains the same neurons (ceil, at least one)",
     )
 
 
@@ -70,6 +76,12 @@ class AdapterConfig(_Strict):
         default_factory=SPFConfig,
         description="SPF + LoRA: sparse base-weight deltas trained with LoRA on the other targets",
     )
+
+    @model_validator(mode="after")
+    def _spf_needs_lora(self) -> AdapterConfig:
+        if self.spf.enabled and self.type != "lora":
+            raise ValueError("adapter.spf is combined with LoRA; set adapter.type to lora")
+        return self
 
     @property
     def lora_alpha(self) -> float:
@@ -146,6 +158,15 @@ class JobConfig(_Strict):
     def _targets_only_for_lora(self) -> JobConfig:
         if self.adapter.type == "prefix" and self.adapter.target_modules is not None:
             raise ValueError("adapter.target_modules applies to type lora only")
+        return self
+
+    @model_validator(mode="after")
+    def _spf_modes(self) -> JobConfig:
+        if self.adapter.spf.enabled and self.mode == "split":
+            raise ValueError(
+                "adapter.spf works in modes centralized and federated; split mode does not "
+                "train SPF deltas"
+            )
         return self
 
 

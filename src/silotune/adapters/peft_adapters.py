@@ -1,4 +1,4 @@
-"""Attach, save, load and read the state of PEFT adapters (LoRA and P-tuning v2 prefix)."""
+"""Attach, save, load and read the state of PEFT adapters (LoRA and P-tuning v2 prefix, SPF deltas)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from peft.utils import _prepare_prompt_learning_config
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
+from silotune.adapters.spf import attach_spf, load_spf, save_spf, spf_lora_targets
 from silotune.config import AdapterConfig
 from silotune.errors import CheckpointError, ModelError
 
@@ -49,12 +50,14 @@ def default_targets(model: PreTrainedModel) -> list[str]:
 def peft_config(cfg: AdapterConfig, model: PreTrainedModel) -> PeftConfig:
     """Translate silotune's adapter section into a PEFT config."""
     if cfg.type == "lora":
+        # With SPF, LoRA goes by default on the projections SPF does not train.
+        defaults = spf_lora_targets(model) if cfg.spf.enabled else default_targets(model)
         return LoraConfig(
             task_type="CAUSAL_LM",
             r=cfg.r,
             lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.dropout,
-            target_modules=cfg.target_modules or default_targets(model),
+            target_modules=cfg.target_modules or defaults,
             fan_in_fan_out=model.config.model_type == "gpt2",
         )
     # P-tuning v2 = deep prompt tuning: trainable key/value prefixes in every layer.
@@ -62,7 +65,11 @@ def peft_config(cfg: AdapterConfig, model: PreTrainedModel) -> PeftConfig:
 
 
 def attach_adapter(model: PreTrainedModel, cfg: AdapterConfig, seed: int = 0) -> PeftModel:
-    """Freeze `model` and wrap it with a freshly initialised adapter (initialisation seeded)."""
+    """Freeze `model` and wrap it with a freshly initialised adapter (initialisation seeded).
+
+    With ``cfg.spf.enabled`` the SPF deltas (zero at first) are attached after LoRA, on the
+    rows selected from the frozen base weights.
+    """
     config = peft_config(cfg, model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -70,6 +77,8 @@ def attach_adapter(model: PreTrainedModel, cfg: AdapterConfig, seed: int = 0) ->
             peft_model = get_peft_model(model, config)
         except ValueError as err:
             raise ModelError(f"cannot attach the {cfg.type} adapter: {err}") from err
+    if cfg.spf.enabled:
+        attach_spf(peft_model, cfg.spf)
     return peft_model
 
 
@@ -99,9 +108,11 @@ def set_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
 
 
 def save_adapter(model: PeftModel, out_dir: Path) -> None:
-    """Save in PEFT format (adapter_config.json + adapter_model.safetensors)."""
+    """Save in PEFT format (adapter_config.json + adapter_model.safetensors), plus
+    spf_deltas.safetensors when the model has SPF deltas (plain PEFT ignores that file)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
+    save_spf(model, out_dir)
 
 
 def read_adapter_dir(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -122,16 +133,21 @@ def read_adapter_dir(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def load_adapter(base: PreTrainedModel, adapter_dir: Path, trainable: bool = False) -> PeftModel:
-    """Load a saved adapter onto `base` (checked first, so a corrupt folder fails clearly)."""
+    """Load a saved adapter onto `base` (checked first, so a corrupt folder fails clearly).
+
+    SPF deltas saved next to the PEFT files are attached too, on the rows they were saved with.
+    """
     config, _ = read_adapter_dir(adapter_dir)
     if config.get("peft_type") == "PREFIX_TUNING":
         _check_prefix_fits(base, config, adapter_dir)
     try:
-        return PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable)
+        model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable)
     except (RuntimeError, KeyError, ValueError) as err:  # wrong base model or adapter shape
         raise CheckpointError(
             f"adapter {adapter_dir} does not fit the base model: {_first_line(err)}"
         ) from None
+    load_spf(model, adapter_dir, trainable)
+    return model
 
 
 def _check_prefix_fits(base: PreTrainedModel, saved: dict, adapter_dir: Path) -> None:

@@ -1,7 +1,7 @@
 """Checkpoints: adapter (PEFT format), optimizer and scheduler, step and RNG, written atomically.
 
 A checkpoint folder `checkpoints/step-00000010/` holds `adapter_config.json`,
-`adapter_model.safetensors`, `optimizer.pt` (optimizer and scheduler state dicts, read back with
+`adapter_model.safetensors` (and `spf_deltas.safetensors` when the job trains SPF), `optimizer.pt` (optimizer and scheduler state dicts, read back with
 `torch.load(weights_only=True)`, so no arbitrary objects are unpickled), `rng.safetensors` and
 `trainer_state.json`, which lists the SHA-256 of every other file. A folder is written under a
 temporary name and renamed when complete, so a crash never leaves a half checkpoint that looks whole,
@@ -22,6 +22,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from silotune.adapters.peft_adapters import read_adapter_dir, save_adapter, set_adapter_state
+from silotune.adapters.spf import restore_spf
 from silotune.errors import CheckpointError
 
 CHECKPOINTS = "checkpoints"
@@ -138,6 +139,7 @@ def load_checkpoint(
     _, tensors = read_adapter_dir(path)
     device = next(p.device for p in model.parameters())
     set_adapter_state(model, {k: v.to(device) for k, v in tensors.items()})
+    restore_spf(model, path)
     try:
         opt = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
         optimizer.load_state_dict(opt["optimizer"])
