@@ -22,6 +22,17 @@ class SplitConfig(_Strict):
     )
     silos: int = Field(2, ge=1, description="number of silos")
     sync_every: int = Field(10, gt=0, description="average adapters across silos every E steps")
+    secure_averaging: Literal["none", "masking"] = Field(
+        "masking",
+        description="how silo adapters are averaged: masking = pairwise-mask secure aggregation "
+        "(the coordinator learns only the average), none = sent to the coordinator in clear",
+    )
+    secagg_clip: float = Field(
+        16.0,
+        gt=0,
+        description="masking: bound on each pre-weighted adapter value (a larger value raises a "
+        "clear error); smaller = finer fixed-point quantisation",
+    )
     activation_dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="dtype of activations and gradients on the wire"
     )

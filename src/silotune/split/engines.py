@@ -327,7 +327,7 @@ class TrunkEngine(ABC):
             averaged = weighted_average(
                 [values[n][0] for n in names], [float(values[n][1]) for n in names]
             )
-            self._after_sync(values)
+            self.after_sync({n: float(values[n][1]) for n in names})
             return dict.fromkeys(names, averaged)
 
         result: dict[str, torch.Tensor] = self.roster.gather(
@@ -335,8 +335,12 @@ class TrunkEngine(ABC):
         )
         return result
 
-    def _after_sync(self, values: dict[str, Any]) -> None:  # noqa: B027 - optional hook, no-op by default
-        """Hook run once per sync round, inside the rendezvous (hierarchical averages replicas)."""
+    def after_sync(self, weights: Mapping[str, float]) -> None:  # noqa: B027 - optional hook
+        """Run once per sync round, inside its rendezvous (hierarchical averages its replicas).
+
+        ``weights`` maps each silo whose adapter the round averaged to its example count; plain
+        and secure averaging (:mod:`silotune.split.secure_averaging`) both call it.
+        """
 
     def finish(self, member: str) -> dict[str, torch.Tensor]:
         """Wait until every live silo has finished, then return the trunk adapter."""
@@ -524,13 +528,13 @@ class HierarchicalEngine(TrunkEngine):
             states = [self.state.get([self.replicas[n].part]) for n in names]
             return weighted_average(states, [float(self.roster.examples[n]) for n in names])
 
-    def _after_sync(self, values: dict[str, Any]) -> None:
-        names = sorted(n for n in values if n in self.replicas)
+    def after_sync(self, weights: Mapping[str, float]) -> None:
+        names = sorted(n for n in weights if n in self.replicas)
         if not names:
             return
         with self._lock:
             states = [self.state.get([self.replicas[n].part]) for n in names]
-            averaged = weighted_average(states, [float(values[n][1]) for n in names])
+            averaged = weighted_average(states, [float(weights[n]) for n in names])
             for part in [self.main.part, *(self.replicas[n].part for n in self.replicas)]:
                 self.state.set([part], averaged)
 

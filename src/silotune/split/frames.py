@@ -50,8 +50,18 @@ KIND_BYE = "bye"  # orderly end of a session
 KIND_JOIN = "join"  # a silo announces itself (meta: examples, steps) before its first step
 KIND_COMMIT = "commit"  # a silo ends an optimizer step (meta: gradient clipping coefficient)
 KIND_SYNC = "sync"  # adapter tensors for averaging across silos, and the averaged reply
+KIND_SECAGG = "secagg"  # one stage of secure averaging (meta: stage), see split/secure_averaging
 KINDS = frozenset(
-    {KIND_FORWARD, KIND_BACKWARD, KIND_ERROR, KIND_BYE, KIND_JOIN, KIND_COMMIT, KIND_SYNC}
+    {
+        KIND_FORWARD,
+        KIND_BACKWARD,
+        KIND_ERROR,
+        KIND_BYE,
+        KIND_JOIN,
+        KIND_COMMIT,
+        KIND_SYNC,
+        KIND_SECAGG,
+    }
 )
 
 # Frame-header dtype name -> (torch dtype, safetensors dtype tag, bytes per element).

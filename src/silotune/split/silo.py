@@ -34,13 +34,15 @@ from silotune.split.frames import (
     add_noise,
 )
 from silotune.split.parts import PartState
+from silotune.split.secure_averaging import MaskingAverager
 from silotune.split.session import FrameSession, SplitError
 from silotune.train.loop import Batch, causal_lm_loss
 
 if TYPE_CHECKING:
     from silotune.config import JobConfig
+    from silotune.split.averaging import AdapterAverager
 
-__all__ = ["CoordinatorAverager", "LMOutput", "SplitSilo", "TrunkLink"]
+__all__ = ["CoordinatorAverager", "LMOutput", "SplitSilo", "TrunkLink", "make_averager"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,7 @@ class TrunkLink:
         self.noise_sigma = noise_sigma
         self.timeout = timeout
         self.generator = torch.Generator().manual_seed(seed)
+        self.averaging = "none"  # split.secure_averaging, announced at join (make_averager sets it)
         self.step = 0  # optimizer steps committed
         self.micro = 0  # micro-batches sent in the current step
         self.trunk_norm = 0.0  # norm of the trunk's gradient at the end of the step
@@ -147,8 +150,8 @@ class TrunkLink:
         self.micro = 0
 
     def join(self, examples: int) -> None:
-        """Announce this silo (its example count weighs its adapter in averages)."""
-        self.session.send(KIND_JOIN, 0, meta={"examples": examples})
+        """Announce this silo: its example count weighs its adapter, and how it averages."""
+        self.session.send(KIND_JOIN, 0, meta={"examples": examples, "averaging": self.averaging})
 
     def sync(self, state: Mapping[str, torch.Tensor], examples: int) -> dict[str, torch.Tensor]:
         """Send this silo's adapter tensors; return the average over the live silos."""
@@ -217,10 +220,11 @@ class SplitSilo(nn.Module):
 
 
 class CoordinatorAverager:
-    """:class:`~silotune.split.averaging.AdapterAverager` that averages through the coordinator.
+    """:class:`~silotune.split.averaging.AdapterAverager` that averages in clear at the coordinator.
 
-    The coordinator sees each silo's head/tail adapter tensors (they travel AEAD-encrypted, so
-    nobody else does). A secure-aggregation averager can take its place.
+    ``split.secure_averaging: none``. The coordinator sees each silo's head/tail adapter tensors
+    (they travel AEAD-encrypted, so nobody else does); the default, ``masking``, is
+    :class:`~silotune.split.secure_averaging.MaskingAverager`.
     """
 
     def __init__(self, link: TrunkLink) -> None:
@@ -233,9 +237,15 @@ class CoordinatorAverager:
         return self.link.sync(state, examples)
 
 
-def make_averager(cfg: JobConfig, link: TrunkLink) -> CoordinatorAverager:
-    """The silo-adapter averager this job's config asks for (the split runner's one entry point)."""
-    del cfg  # one kind today; the config chooses once there are more
+def make_averager(cfg: JobConfig, link: TrunkLink) -> AdapterAverager:
+    """The silo-adapter averager ``split.secure_averaging`` asks for (call it before ``join``).
+
+    The link announces the choice in its ``join`` frame, so the coordinator can refuse a silo
+    that averages differently from the others.
+    """
+    link.averaging = cfg.split.secure_averaging
+    if link.averaging == "masking":
+        return MaskingAverager(link, cfg.split.secagg_clip)
     return CoordinatorAverager(link)
 
 

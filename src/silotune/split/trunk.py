@@ -6,18 +6,24 @@ then a loop over the silo's frames until ``bye``:
 =========  ====================================  =========================================
 frame in   tensors / meta                        answer
 =========  ====================================  =========================================
-join       meta ``examples``                     (none; waits for ``split.silos`` silos)
+join       meta ``examples``, ``averaging``      (none; waits for ``split.silos`` silos)
 forward    ``hidden (B,T,C)``, ``mask (B,T)``;   forward ``hidden (B,T,C)``
            meta ``train`` (false = validation)
 backward   ``grad (B,T,C)``; meta ``last``       backward ``grad (B,T,C)``; meta ``trunk_sq``
 commit     meta ``coef`` (clipping factor)       (none)
 sync       the silo's adapter; meta ``examples`` sync: the average over live silos
+secagg     one secure-averaging stage            secagg: that stage's answer (see
+           (:mod:`silotune.split.secure_averaging`)   :mod:`~silotune.split.secure_averaging`)
 bye        (none)                                bye: the trunk adapter
 =========  ====================================  =========================================
 
 A frame that fails authentication, replays, arrives out of order or breaks the limits ends that
 silo's session with a clear log line and an ``error`` frame; the other silos' sessions go on, and
 the half-done step of the silo that left never reaches the trunk adapter.
+
+Every silo of a job averages its adapter the same way, ``none`` (``sync``: in clear to the
+coordinator) or ``masking`` (``secagg``: the coordinator learns only the average), as its ``join``
+says; a silo asking for the other way than the job's is refused, and so is a frame of the other way.
 """
 
 from __future__ import annotations
@@ -39,10 +45,12 @@ from silotune.split.frames import (
     KIND_COMMIT,
     KIND_FORWARD,
     KIND_JOIN,
+    KIND_SECAGG,
     KIND_SYNC,
     Frame,
     FrameError,
 )
+from silotune.split.secure_averaging import MaskedAveraging
 from silotune.split.session import FrameSession, SplitError, accept_session
 from silotune.transport.base import Connection, ConnectionClosed, TransportError
 
@@ -51,6 +59,7 @@ __all__ = ["SessionRecord", "TrunkService", "check_activation"]
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 4096  # most sequences one forward frame may carry
+AVERAGING = ("none", "masking")  # split.secure_averaging
 
 
 def check_activation(frame: Frame, hidden_size: int, max_tokens: int) -> tuple[torch.Tensor, ...]:
@@ -133,6 +142,9 @@ class TrunkService:
         Silos to wait for before the first step (``split.silos``).
     activation_dtype
         Wire dtype of the trunk's outputs and input gradients.
+    averaging
+        How silo adapters are averaged (``split.secure_averaging``: ``none`` or ``masking``);
+        ``None`` lets the first silo that joins fix it for the job.
     """
 
     engine: TrunkEngine
@@ -142,8 +154,16 @@ class TrunkService:
     max_tokens: int
     expected_silos: int
     activation_dtype: str | None = None
+    averaging: str | None = None
     records: list[SessionRecord] = field(default_factory=list)
     finished: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        if self.averaging not in (None, *AVERAGING):
+            raise ValueError(
+                f"averaging must be None or one of {AVERAGING}, got {self.averaging!r}"
+            )
+        self.secure = MaskedAveraging(self.engine)
 
     @property
     def timeout(self) -> float:
@@ -166,6 +186,7 @@ class TrunkService:
             if first.kind != KIND_JOIN:
                 raise FrameError(f"the first frame must be 'join', got '{first.kind}'")
             examples = int(_number(first.meta, "examples", 1, 2**40))
+            self._agree_averaging(record.silo, first.meta.get("averaging", "none"))
             self.engine.roster.join(record.silo, examples)
             joined = True
             self.engine.add(record.silo)
@@ -189,6 +210,19 @@ class TrunkService:
                 self.engine.drop(record.silo)
                 self.engine.roster.leave(record.silo)
             self._maybe_finished()
+
+    def _agree_averaging(self, silo: str, averaging: Any) -> None:
+        """Fix the job's averaging with the first silo; refuse a silo that asks for the other."""
+        if averaging not in AVERAGING:
+            raise FrameError(f"join meta 'averaging' must be one of {AVERAGING}, got {averaging!r}")
+        with self.engine.roster.cond:
+            if self.averaging is None:
+                self.averaging = averaging
+        if averaging != self.averaging:
+            raise SplitError(
+                f"silo {silo!r} averages adapters with split.secure_averaging {averaging!r} but "
+                f"this job uses {self.averaging!r}; set the same value on every silo"
+            )
 
     def _maybe_finished(self) -> None:
         roster = self.engine.roster
@@ -217,6 +251,14 @@ class TrunkService:
             elif frame.kind == KIND_COMMIT:
                 engine.commit(name, _number(frame.meta, "coef", 0.0, 1.0))
                 record.steps += 1
+            elif frame.kind in (KIND_SYNC, KIND_SECAGG) and self.averaging != (
+                "none" if frame.kind == KIND_SYNC else "masking"
+            ):
+                raise FrameError(
+                    f"a '{frame.kind}' frame, but this job averages with {self.averaging!r}"
+                )
+            elif frame.kind == KIND_SECAGG:
+                self.secure.serve(session, name, frame)
             elif frame.kind == KIND_SYNC:
                 examples = int(_number(frame.meta, "examples", 1, 2**40))
                 state = session.recv_state(frame, self.timeout)
