@@ -12,6 +12,15 @@ def run_job(
     cfg: JobConfig, resume: bool = False, overwrite: bool = False, progress: bool = True
 ) -> dict[str, Any]:
     """Train `cfg`; returns the run summary (also written to `output_dir/summary.json`)."""
+    if cfg.adapter.placement == "enclave" and cfg.mode != "centralized":
+        raise ConfigError(
+            f"adapter.placement enclave runs in mode centralized only, not '{cfg.mode}' (for "
+            "split mode the trunk can run in an enclave: split.trunk_in_enclave)"
+        )
+    if cfg.mode == "centralized" and cfg.adapter.placement == "enclave":
+        from silotune.enclave.adapter_runner import train_in_enclave
+
+        return train_in_enclave(cfg, resume=resume, overwrite=overwrite, progress=progress)
     if cfg.mode == "centralized":
         from silotune.train.trainer import train_centralized
 

@@ -1,0 +1,203 @@
+"""The enclave app of adapter placement `enclave`: LoRA, its optimizer and the data live only here.
+
+Inside the enclave this app builds the job exactly as the centralized trainer does (same model,
+same seeded LoRA initialisation, same batches, same AdamW and schedule, same torch RNG stream) and
+then swaps every frozen linear layer for one the REE computes on masked tensors
+(:mod:`silotune.enclave.masked_linear`). Everything else - embeddings, norms, rotary attention,
+SiLU, residuals, the LoRA branches, the loss, the optimizer - runs here on unmasked values.
+
+Methods (the host drives them in order; each does its work once, so the REE cannot make the
+enclave recompute a batch and hand it several independently masked copies to average):
+
+* ``train_step`` ``{"step": k}``: optimizer step ``k``; ``k`` must be the enclave's next step.
+  Returns the step's loss, gradient norm, learning rate and what the outsourcing cost.
+* ``evaluate`` ``{"split": "validation" | "test"}``: validation at the steps the schedule names
+  (every ``train.eval_every`` and the last), test once after the last step. Returns the scores.
+* ``release``: after the last step only, the trained adapter's tensors (PEFT names).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import torch
+
+from silotune.adapters.peft_adapters import adapter_state, attach_adapter
+from silotune.config import JobConfig, config_from_dict
+from silotune.data.registry import load_splits
+from silotune.data.tasks import make_task
+from silotune.enclave.base import EnclaveError, OcallHandler, Tensors
+from silotune.enclave.masked_linear import LinearOffload, outsource_linears
+from silotune.enclave.masked_stream import MaskStream
+from silotune.errors import ConfigError
+from silotune.eval.evaluate import evaluate
+from silotune.models.loading import load_model
+from silotune.train.loop import BatchStream, make_optimizer, make_scheduler, train_step
+
+__all__ = ["ENCLAVE_MODEL_TYPES", "AdapterEnclaveApp", "check_enclave_job", "enclave_app_config"]
+
+# Decoder families whose every frozen matmul is an nn.Linear (GPT-2's Conv1D is not).
+ENCLAVE_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_JOB_SECTIONS = ("model", "adapter", "data", "train")
+
+
+def check_enclave_job(cfg: JobConfig) -> None:
+    """Refuse, with one sentence, a job that adapter placement `enclave` cannot run."""
+    if cfg.adapter.placement != "enclave":
+        raise ConfigError("adapter.placement must be 'enclave' for the adapter-in-TEE runner")
+    if cfg.adapter.type != "lora":
+        raise ConfigError(
+            f"adapter.placement enclave supports adapter.type lora only, got '{cfg.adapter.type}'"
+        )
+    if cfg.adapter.spf.enabled:
+        raise ConfigError("adapter.spf.enabled is not supported with adapter.placement enclave")
+    if cfg.model.dtype not in ("auto", "float32"):
+        raise ConfigError(
+            f"adapter.placement enclave computes in float32 (masks would drown bfloat16/float16 "
+            f"precision); set model.dtype to float32 or auto, not '{cfg.model.dtype}'"
+        )
+
+
+def enclave_app_config(cfg: JobConfig) -> dict[str, Any]:
+    """The measured configuration of the adapter app: the job's recipe and the mask scale.
+
+    The enclave always computes on its CPU in float32; ``model.device`` is where the REE runs.
+    """
+    job = cfg.model_dump(mode="json", include=set(_JOB_SECTIONS))
+    job["model"] = {**job["model"], "device": "cpu", "dtype": "float32"}
+    return {"job": job, "mask_std": cfg.enclave.mask_std}
+
+
+class AdapterEnclaveApp:
+    """See the module docstring; constructed inside the enclave as ``Cls(config, runtime)``."""
+
+    def __init__(self, config: dict[str, Any], runtime: Any = None, seed: bytes | None = None):
+        job = config.get("job")
+        mask_std = config.get("mask_std")
+        if not isinstance(job, dict) or not isinstance(mask_std, (int, float)) or mask_std <= 0:
+            raise EnclaveError("the adapter app needs config {'job': {...}, 'mask_std': > 0}")
+        cfg = config_from_dict(job)
+        self.cfg = cfg
+        self.runtime = runtime
+        self._lock = threading.Lock()
+        device = torch.device("cpu")
+        loaded = load_model(cfg.model.name, "cpu", "float32", seed=cfg.train.seed)
+        kind = loaded.model.config.model_type
+        if kind not in ENCLAVE_MODEL_TYPES:
+            raise ConfigError(
+                f"adapter.placement enclave supports model types {', '.join(ENCLAVE_MODEL_TYPES)}; "
+                f"'{cfg.model.name}' is '{kind}'"
+            )
+        # The mask key is made here (os.urandom unless a test fixes it) and never leaves.
+        self.offload = LinearOffload(MaskStream(seed), float(mask_std))
+        self.outsourced = outsource_linears(loaded.model, self.offload)
+        self.model = attach_adapter(loaded.model, cfg.adapter, seed=cfg.train.seed)
+        splits = load_splits(cfg.data, seed=cfg.train.seed)
+        self.splits = splits
+        self.task = make_task(
+            loaded.tokenizer,
+            cfg.data.task,
+            splits.labels,
+            splits.prompt_template,
+            cfg.data.max_length,
+        )
+        encoded = [self.task.encode(ex) for ex in splits.train]
+        self.stream = BatchStream(
+            encoded, cfg.train.batch_size, cfg.train.seed, loaded.tokenizer.pad_token_id
+        )
+        self.device = device
+        self.optimizer = make_optimizer(self.model, cfg.train)
+        self.scheduler = make_scheduler(self.optimizer, cfg.train)
+        # The trainer seeds the global torch RNG with train.seed before step 0 (LoRA dropout);
+        # this app keeps its own copy of that stream so it never disturbs anyone else's.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed)
+            self._rng = torch.get_rng_state()
+        self.step = 0
+        self._evaluated: set[tuple[str, int]] = set()
+
+    def handle(
+        self, method: str, meta: dict[str, Any], tensors: Tensors, ocall: OcallHandler
+    ) -> tuple[dict[str, Any], Tensors]:
+        """Answer one call from the host (see the module docstring)."""
+        with self._lock:
+            self.offload.ocall = ocall
+            try:
+                if method == "train_step":
+                    return self._train_step(meta), {}
+                if method == "evaluate":
+                    return self._evaluate(meta), {}
+                if method == "release":
+                    return self._release()
+                raise EnclaveError(
+                    f"the adapter app has no method {method!r} (train_step, evaluate, release)"
+                )
+            finally:
+                self.offload.ocall = None
+                self.offload.forget()
+
+    def _train_step(self, meta: dict[str, Any]) -> dict[str, Any]:
+        step = meta.get("step")
+        if step != self.step:
+            raise EnclaveError(
+                f"train_step {step!r} asked for, but the enclave's next step is {self.step}; "
+                "every step runs exactly once, in order"
+            )
+        if self.step >= self.cfg.train.max_steps:
+            raise EnclaveError(f"training is over: all {self.cfg.train.max_steps} steps ran")
+        start = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self._rng)
+            out = train_step(
+                self.model,
+                self.stream,
+                self.step,
+                self.optimizer,
+                self.scheduler,
+                self.cfg.train,
+                self.device,
+            )
+            self._rng = torch.get_rng_state()
+        self.step += 1
+        cost = self.offload.take_stats().as_dict()
+        return {
+            "step": self.step,
+            "loss": out.loss,
+            "grad_norm": out.grad_norm,
+            "lr": out.lr,
+            "enclave_s": time.perf_counter() - start,
+            **cost,
+        }
+
+    def _evaluate(self, meta: dict[str, Any]) -> dict[str, Any]:
+        split = meta.get("split")
+        t = self.cfg.train
+        if split == "validation":
+            scheduled = self.step > 0 and (
+                self.step % t.eval_every == 0 or self.step == t.max_steps
+            )
+            examples = self.splits.validation
+        elif split == "test":
+            scheduled = self.step == t.max_steps
+            examples = self.splits.test
+        else:
+            raise EnclaveError(f"evaluate split must be 'validation' or 'test', got {split!r}")
+        if not scheduled or (split, self.step) in self._evaluated:
+            raise EnclaveError(
+                f"no {split} evaluation is due at step {self.step} (validation every "
+                f"{t.eval_every} steps and at the last, test once at the end; each runs once)"
+            )
+        self._evaluated.add((split, self.step))
+        scores = evaluate(self.model, self.task, examples, t.eval_batch_size, self.device)
+        cost = self.offload.take_stats().as_dict()
+        return {"scores": scores, "cost": cost}
+
+    def _release(self) -> tuple[dict[str, Any], Tensors]:
+        if self.step != self.cfg.train.max_steps:
+            raise EnclaveError(
+                f"the adapter is released only after the last step ({self.cfg.train.max_steps}); "
+                f"the enclave is at step {self.step}"
+            )
+        return {"step": self.step}, adapter_state(self.model)

@@ -1,0 +1,327 @@
+"""The REE's side of adapter placement `enclave`: serve masked matmuls, drive the enclave, save.
+
+The host process (the REE) loads the frozen model and answers the enclave's ``linear`` and
+``linear_t`` ocalls with it (:class:`~silotune.enclave.masked_linear.FrozenLinearServer`); it
+never holds the adapter, its optimizer state, the training data or an unmasked activation. It
+starts the enclave (:mod:`silotune.enclave.adapter_app`), checks its quote, asks for each step
+and each scheduled evaluation, and at the end writes the adapter the enclave releases as a plain
+PEFT folder. :func:`compare_with_plain` runs the same recipe with the ordinary trainer and with
+the enclave and reports measured step times and how far apart the two adapters are.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import torch
+
+from silotune.adapters.peft_adapters import (
+    adapter_state,
+    attach_adapter,
+    save_adapter,
+    set_adapter_state,
+)
+from silotune.config import JobConfig, config_from_dict
+from silotune.crypto.identity import IdentityKey
+from silotune.enclave.adapter_app import (
+    ENCLAVE_MODEL_TYPES,
+    AdapterEnclaveApp,
+    check_enclave_job,
+    enclave_app_config,
+)
+from silotune.enclave.base import AttestationPolicy, OcallHandler, Tensors, verify_quote
+from silotune.enclave.masked_linear import FrozenLinearServer
+from silotune.enclave.measure import measure
+from silotune.enclave.platform import load_platform_key
+from silotune.enclave.simulated import SimulatedEnclave
+from silotune.errors import ConfigError
+from silotune.models.loading import LoadedModel, load_model
+from silotune.progress import progress_bar
+from silotune.train.loop import StepOutput, make_optimizer, make_scheduler, train_step
+from silotune.train.trainer import (
+    ADAPTER_DIR,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    MetricsLog,
+    build_job,
+    check_output_dir,
+    format_scores,
+    reset_output_dir,
+    train_record,
+)
+
+__all__ = ["APP", "LocalEnclave", "compare_with_plain", "open_adapter_enclave", "train_in_enclave"]
+
+log = logging.getLogger(__name__)
+
+APP = "adapter"
+
+
+class EnclaveCalls(Protocol):
+    """What the runner needs of an enclave: its measurement and ``call``."""
+
+    @property
+    def measurement(self) -> bytes: ...
+
+    def call(
+        self,
+        method: str,
+        meta: dict[str, Any],
+        tensors: Tensors,
+        ocall: OcallHandler | None = None,
+    ) -> tuple[dict[str, Any], Tensors]: ...
+
+
+class LocalEnclave:
+    """The adapter app called in this process, behind the same ``call`` seam (tests, profiling).
+
+    It isolates nothing and cannot be attested; it exists so that the masked protocol can be
+    checked and timed without the process boundary. Training runs use
+    :class:`~silotune.enclave.simulated.SimulatedEnclave`.
+    """
+
+    def __init__(self, app_config: dict[str, Any], seed: bytes | None = None) -> None:
+        self.measurement = measure(APP, app_config)
+        self.app = AdapterEnclaveApp(app_config, None, seed=seed)
+
+    def call(
+        self,
+        method: str,
+        meta: dict[str, Any],
+        tensors: Tensors,
+        ocall: OcallHandler | None = None,
+    ) -> tuple[dict[str, Any], Tensors]:
+        """Run ``method`` of the app here, serving its ocalls with ``ocall``."""
+
+        def refuse(
+            name: str, _meta: dict[str, Any], _tensors: Tensors
+        ) -> tuple[dict[str, Any], Tensors]:
+            raise RuntimeError(f"the enclave made an ocall {name!r} but the call has no handler")
+
+        return self.app.handle(method, meta, tensors, ocall or refuse)
+
+
+@contextmanager
+def open_adapter_enclave(cfg: JobConfig) -> Iterator[SimulatedEnclave]:
+    """Start the adapter app in a simulated enclave and verify its quote before any use.
+
+    The platform key is ``enclave.platform_key`` or, if unset, a throwaway one; the accepted
+    measurements are ``enclave.allowed_measurements`` or, if empty, the one this build computes.
+    """
+    app_config = enclave_app_config(cfg)
+    key = (
+        load_platform_key(cfg.enclave.platform_key)
+        if cfg.enclave.platform_key is not None
+        else IdentityKey.generate()
+    )
+    allowed = cfg.enclave.allowed_measurements or [measure(APP, app_config).hex()]
+    enclave = SimulatedEnclave.start(APP, app_config, key)
+    try:
+        nonce = os.urandom(32)
+        verify_quote(enclave.attest(nonce), AttestationPolicy.from_hex(key.public, allowed), nonce)
+        log.info("Adapter enclave attested (simulated), measurement %s", enclave.measurement.hex())
+        yield enclave
+    finally:
+        enclave.close()
+
+
+def load_ree_model(cfg: JobConfig) -> LoadedModel:
+    """The REE's frozen model, in float32 on ``model.device``; Llama-family only."""
+    loaded = load_model(cfg.model.name, cfg.model.device, "float32", seed=cfg.train.seed)
+    kind = loaded.model.config.model_type
+    if kind not in ENCLAVE_MODEL_TYPES:
+        raise ConfigError(
+            f"adapter.placement enclave supports model types {', '.join(ENCLAVE_MODEL_TYPES)}; "
+            f"model '{cfg.model.name}' is '{kind}'"
+        )
+    return loaded
+
+
+def train_in_enclave(
+    cfg: JobConfig, resume: bool = False, overwrite: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Train with the adapter in a (simulated) enclave; the summary is also in summary.json.
+
+    Raises
+    ------
+    ConfigError
+        For ``--resume`` (the state never leaves the enclave and is not checkpointed) and for
+        jobs the enclave cannot run (see :func:`~silotune.enclave.adapter_app.check_enclave_job`).
+    """
+    check_enclave_job(cfg)
+    if resume:
+        raise ConfigError(
+            "--resume is not supported with adapter.placement enclave: the adapter and its "
+            "optimizer state never leave the enclave, so there is no checkpoint to resume from"
+        )
+    check_output_dir(cfg, resume=False, overwrite=overwrite)
+    ree = load_ree_model(cfg)  # a bad model fails here, before an old run is replaced
+    server = FrozenLinearServer.from_model(ree.model)
+    reset_output_dir(cfg)
+    t = cfg.train
+    metrics = MetricsLog(cfg.output_dir / METRICS_FILE)
+    with open_adapter_enclave(cfg) as enclave:
+        clock = time.perf_counter()
+        with progress_bar(progress) as bar:
+            task_id = bar.add_task("train (enclave)", total=t.max_steps, note="loss -")
+            for step in range(t.max_steps):
+                info, _ = enclave.call("train_step", {"step": step}, {}, server)
+                done = step + 1
+                bar.update(task_id, advance=1, note=f"loss {info['loss']:.4f}")
+                if done % t.log_every == 0 or done == t.max_steps:
+                    metrics.write(_record(done, info, time.perf_counter() - clock))
+                if done % t.eval_every == 0 or done == t.max_steps:
+                    scores = _evaluate(enclave, "validation", server)
+                    metrics.write({"step": done, "split": "validation", **scores})
+                    log.info("step %d validation %s", done, format_scores(scores))
+        train_s = time.perf_counter() - clock
+        _, released = enclave.call("release", {}, {}, server)
+        test = _evaluate(enclave, "test", server)
+        measurement = enclave.measurement.hex()
+    # The REE learns the adapter only here, from what the enclave released after the last step.
+    peft_model = attach_adapter(ree.model, cfg.adapter, seed=t.seed)
+    set_adapter_state(peft_model, released)
+    save_adapter(peft_model, cfg.output_dir / ADAPTER_DIR)
+    metrics.write({"step": t.max_steps, "split": "test", **test})
+    summary = {
+        "mode": cfg.mode,
+        "adapter_placement": "enclave",
+        "enclave_backend": "simulated",
+        "enclave_measurement": measurement,
+        "steps": t.max_steps,
+        "train_seconds": train_s,
+        "test": test,
+        "adapter": str(cfg.output_dir / ADAPTER_DIR),
+    }
+    (cfg.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary
+
+
+def _record(step: int, info: dict[str, Any], elapsed_s: float) -> dict[str, Any]:
+    """A metrics.jsonl train record: the trainer's fields plus what outsourcing cost."""
+    out = StepOutput(float(info["loss"]), float(info["grad_norm"]), float(info["lr"]))
+    record = train_record(step, out, elapsed_s)
+    record.update({k: info[k] for k in ("enclave_s", "ocalls", "masks", "bytes_sent")})
+    return record
+
+
+def _evaluate(enclave: EnclaveCalls, split: str, server: FrozenLinearServer) -> dict[str, float]:
+    info, _ = enclave.call("evaluate", {"split": split}, {}, server)
+    scores: dict[str, float] = info["scores"]
+    return scores
+
+
+def compare_with_plain(
+    cfg_dict: dict[str, Any], steps: int, in_process: bool = False, mask_seed: bytes | None = None
+) -> dict[str, Any]:
+    """Train ``steps`` steps of one recipe with the plain trainer and with the adapter in the enclave.
+
+    Parameters
+    ----------
+    cfg_dict
+        A job config (as in a YAML recipe); ``adapter.placement`` and ``train.max_steps`` are
+        set here. Both runs compute in float32.
+    steps
+        Optimizer steps of each run.
+    in_process
+        Call the enclave app in this process instead of a separate simulated enclave process
+        (no attestation, no process boundary; for tests and profiling).
+    mask_seed
+        Fix the mask key (in-process only; a real enclave always draws its own).
+
+    Returns
+    -------
+    dict
+        ``plain_step_s`` and ``enclave_step_s`` (median wall seconds per optimizer step, the
+        enclave's including the process boundary, the masks and the unblinding factors),
+        ``max_abs_diff`` (largest difference between the two trained adapters' tensors),
+        ``max_loss_diff``, the per-step losses and times, and the enclave's cost breakdown
+        (``unblind_s``, ``mask_s``, ``ocall_s`` per step: medians).
+    """
+    if steps <= 0:
+        raise ConfigError(f"steps must be positive, got {steps}")
+    fixed = [f"train.max_steps={steps}", "model.dtype=float32"]
+    plain_cfg = config_from_dict(cfg_dict, fixed + ["adapter.placement=ree"])
+    enclave_cfg = config_from_dict(cfg_dict, fixed + ["adapter.placement=enclave"])
+    check_enclave_job(enclave_cfg)
+
+    plain_times, plain_losses, plain_adapter = _run_plain(plain_cfg)
+
+    ree = load_ree_model(enclave_cfg)
+    server = FrozenLinearServer.from_model(ree.model)
+    enclave_times: list[float] = []
+    infos: list[dict[str, Any]] = []
+    with _enclave_for(enclave_cfg, in_process, mask_seed) as enclave:
+        for step in range(steps):
+            start = time.perf_counter()
+            info, _ = enclave.call("train_step", {"step": step}, {}, server)
+            enclave_times.append(time.perf_counter() - start)
+            infos.append(info)
+        _, released = enclave.call("release", {}, {}, server)
+
+    diff = max(
+        float((plain_adapter[name] - released[name].to(plain_adapter[name])).abs().max())
+        for name in plain_adapter
+    )
+    if set(released) != set(plain_adapter):
+        raise RuntimeError("the enclave released other adapter tensors than the plain run has")
+    enclave_losses = [float(i["loss"]) for i in infos]
+    return {
+        "steps": steps,
+        "plain_step_s": statistics.median(plain_times),
+        "enclave_step_s": statistics.median(enclave_times),
+        "max_abs_diff": diff,
+        "max_loss_diff": max(abs(a - b) for a, b in zip(plain_losses, enclave_losses, strict=True)),
+        "plain_losses": plain_losses,
+        "enclave_losses": enclave_losses,
+        "plain_step_times": plain_times,
+        "enclave_step_times": enclave_times,
+        "unblind_s": statistics.median(float(i["unblind_s"]) for i in infos),
+        "mask_s": statistics.median(float(i["mask_s"]) for i in infos),
+        "ocall_s": statistics.median(float(i["ocall_s"]) for i in infos),
+        "ocalls_per_step": statistics.median(int(i["ocalls"]) for i in infos),
+        "bytes_to_ree_per_step": statistics.median(int(i["bytes_sent"]) for i in infos),
+        "mask_std": enclave_cfg.enclave.mask_std,
+        "enclave": "in-process" if in_process else "simulated",
+    }
+
+
+def _run_plain(cfg: JobConfig) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
+    """The centralized trainer's steps, timed one by one (no evaluation, nothing written)."""
+    job = build_job(cfg)
+    optimizer = make_optimizer(job.model, cfg.train)
+    scheduler = make_scheduler(optimizer, cfg.train)
+    times, losses = [], []
+    cuda = [job.device.index or 0] if job.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(cfg.train.seed)
+        for step in range(cfg.train.max_steps):
+            start = time.perf_counter()
+            out = train_step(
+                job.model, job.stream, step, optimizer, scheduler, cfg.train, job.device
+            )
+            if job.device.type == "cuda":
+                torch.cuda.synchronize(job.device)
+            times.append(time.perf_counter() - start)
+            losses.append(out.loss)
+    return times, losses, adapter_state(job.model)
+
+
+@contextmanager
+def _enclave_for(
+    cfg: JobConfig, in_process: bool, mask_seed: bytes | None
+) -> Iterator[EnclaveCalls]:
+    if in_process:
+        yield LocalEnclave(enclave_app_config(cfg), seed=mask_seed)
+        return
+    if mask_seed is not None:
+        raise ValueError("mask_seed only applies in process; a real enclave draws its own key")
+    with open_adapter_enclave(cfg) as enclave:
+        yield enclave

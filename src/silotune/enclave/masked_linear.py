@@ -1,0 +1,298 @@
+"""Outsource frozen linear layers from the enclave to the REE on one-time-masked inputs (Slalom).
+
+Both ends of the protocol live here. Inside the enclave, :func:`outsource_linears` swaps every
+frozen ``nn.Linear`` of a model for an :class:`OutsourcedLinear`; the model's own code (norms,
+rotary attention, SiLU, residuals, LoRA branches, the loss) runs unchanged in the enclave, and only
+the frozen matmuls leave it, through :class:`LinearOffload`:
+
+* forward, ``y = x W^T + b``: the enclave draws a fresh mask ``r = s * z`` (``z ~ N(0, 1)`` from
+  :class:`~silotune.enclave.masked_stream.MaskStream`, ``s = mask_std * max|x|``), ocalls
+  ``linear`` with ``x + r`` only, gets ``(x + r) W^T`` back and subtracts ``s * (z W^T)``;
+* backward, ``dx = g W``: the same with ``linear_t``, ``g + r`` and ``s * (z W)``.
+
+The frozen weights' own gradients are never needed. :class:`FrozenLinearServer` is the REE's end:
+it holds the frozen weights by module path and answers those two ocalls. The scale uses the largest
+magnitude, not the RMS, so that a sparse tensor (a gradient that is zero except at a few target
+positions) has no element that stands out of its mask; docs/adapter-in-tee.md measures the rest.
+
+A tensor fed to several linears in a row (q, k and v share their input; so do gate and up) is
+masked once: the REE receives the identical masked tensor for each, which tells it nothing new,
+whereas fresh masks on the same tensor would hand it several noisy copies to average.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from silotune.enclave.masked_stream import MaskStream
+
+__all__ = [
+    "FrozenLinearServer",
+    "LinearOffload",
+    "OffloadStats",
+    "Ocall",
+    "OutsourcedLinear",
+    "from_wire",
+    "frozen_linear_weights",
+    "outsource_linears",
+    "to_wire",
+]
+
+Tensors = dict[str, torch.Tensor]
+Ocall = Callable[[str, dict[str, Any], Tensors], tuple[dict[str, Any], Tensors]]
+"""The enclave's call into the REE: ``(method, meta, tensors) -> (meta, tensors)``."""
+
+# Masked tensors travel and are multiplied in float64: a mask many times larger than the tensor
+# then still leaves far more than float32's 24 bits of it, so the unmasked result equals the
+# float32 one up to float32 rounding, whatever enclave.mask_std is (docs/adapter-in-tee.md).
+WIRE_DTYPE = torch.float64
+LINEAR = "linear"  # REE computes (x + r) W^T
+LINEAR_T = "linear_t"  # REE computes (g + r) W
+
+
+@dataclass
+class OffloadStats:
+    """What outsourcing cost, summed since the last :meth:`LinearOffload.take_stats`.
+
+    ``unblind_s`` is the work Slalom does ahead of time on real hardware (``z W^T`` does not
+    depend on the data); here the enclave does it online, so it is part of every step time.
+    """
+
+    ocalls: int = 0
+    masks: int = 0
+    bytes_sent: int = 0
+    mask_s: float = 0.0
+    unblind_s: float = 0.0
+    ocall_s: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "ocalls": self.ocalls,
+            "masks": self.masks,
+            "bytes_sent": self.bytes_sent,
+            "mask_s": self.mask_s,
+            "unblind_s": self.unblind_s,
+            "ocall_s": self.ocall_s,
+        }
+
+
+@dataclass
+class _Masked:
+    """The last masked input, kept so that the next linear on the same tensor reuses it."""
+
+    source: torch.Tensor
+    version: int
+    scale: float
+    z: torch.Tensor
+    masked: torch.Tensor
+
+
+@dataclass
+class LinearOffload:
+    """The enclave's side: masks tensors, ocalls the REE, removes the masks from the answers.
+
+    Parameters
+    ----------
+    masks
+        The enclave's mask stream (its key never leaves the enclave).
+    mask_std
+        Mask standard deviation as a multiple of each tensor's largest magnitude.
+    """
+
+    masks: MaskStream
+    mask_std: float
+    ocall: Ocall | None = None
+    stats: OffloadStats = field(default_factory=OffloadStats)
+    _last: _Masked | None = None
+    _weights64: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def take_stats(self) -> OffloadStats:
+        """Return the counters gathered so far and start new ones."""
+        stats, self.stats = self.stats, OffloadStats()
+        return stats
+
+    def forget(self) -> None:
+        """Drop the cached masked input (call at the end of every enclave call)."""
+        self._last = None
+
+    def _mask(self, x: torch.Tensor, reuse: bool) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """(scale, z, x + scale * z); the previous mask only if ``x`` is the very same tensor."""
+        last = self._last
+        if reuse and last is not None and last.source is x and last.version == x._version:
+            return last.scale, last.z, last.masked
+        start = time.perf_counter()
+        peak = float(x.detach().abs().max()) if x.numel() else 0.0
+        # A zero tensor still gets a full-size mask: the REE must not see which tensors are zero.
+        scale = self.mask_std * (peak if peak > 0.0 and peak < float("inf") else 1.0)
+        z = self.masks.gaussian(tuple(x.shape)).z.to(x.device, WIRE_DTYPE)
+        masked = x.detach().to(WIRE_DTYPE) + scale * z
+        self.stats.masks += 1
+        self.stats.mask_s += time.perf_counter() - start
+        self._last = _Masked(x, x._version, scale, z, masked) if reuse else None
+        return scale, z, masked
+
+    def _call(self, method: str, name: str, key: str, masked: torch.Tensor) -> torch.Tensor:
+        if self.ocall is None:
+            raise RuntimeError("an outsourced linear ran outside an enclave call (no ocall set)")
+        start = time.perf_counter()
+        _, answer = self.ocall(method, {"name": name}, {key: to_wire(masked)})
+        self.stats.ocall_s += time.perf_counter() - start
+        self.stats.ocalls += 1
+        self.stats.bytes_sent += masked.numel() * masked.element_size()
+        out = answer.get("y")
+        if out is None or out.dtype != torch.int64:
+            raise RuntimeError(f"the REE's answer to {method} of {name} holds no int64 tensor 'y'")
+        return from_wire(out).to(masked.device)
+
+    def forward(self, layer: OutsourcedLinear, x: torch.Tensor) -> torch.Tensor:
+        """``x W^T + b`` computed by the REE on ``x + r``; ``r`` removed here."""
+        scale, z, masked = self._mask(x, reuse=True)
+        y_masked = self._call(LINEAR, layer.ree_name, "x", masked)
+        start = time.perf_counter()
+        unblind = scale * nn.functional.linear(z, self._weight64(layer))
+        self.stats.unblind_s += time.perf_counter() - start
+        y = (y_masked - unblind).to(x.dtype)
+        return y + layer.bias if layer.bias is not None else y
+
+    def backward(self, layer: OutsourcedLinear, g: torch.Tensor) -> torch.Tensor:
+        """``g W`` computed by the REE on ``g + r``; ``r`` removed here."""
+        scale, z, masked = self._mask(g, reuse=False)
+        gx_masked = self._call(LINEAR_T, layer.ree_name, "g", masked)
+        start = time.perf_counter()
+        unblind = scale * (z @ self._weight64(layer))
+        self.stats.unblind_s += time.perf_counter() - start
+        return (gx_masked - unblind).to(g.dtype)
+
+    def _weight64(self, layer: OutsourcedLinear) -> torch.Tensor:
+        weight = self._weights64.get(layer.ree_name)
+        if weight is None:
+            weight = layer.weight.detach().to(WIRE_DTYPE)
+            self._weights64[layer.ree_name] = weight
+        return weight
+
+
+def to_wire(x: torch.Tensor) -> torch.Tensor:
+    """A float64 tensor as its int64 bit pattern (process frames carry no float64; lossless)."""
+    return x.contiguous().view(torch.int64)
+
+
+def from_wire(x: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`to_wire`."""
+    return x.contiguous().view(WIRE_DTYPE)
+
+
+class _OutsourcedLinearFn(torch.autograd.Function):
+    """Autograd node of an outsourced linear: only the input's gradient exists (W is frozen)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: OutsourcedLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return layer.offload.forward(layer, x)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        layer: OutsourcedLinear = ctx.layer
+        return layer.offload.backward(layer, g.contiguous()), None
+
+
+class OutsourcedLinear(nn.Linear):
+    """A frozen ``nn.Linear`` whose matmuls the REE does on masked tensors.
+
+    It keeps the original ``weight`` and ``bias`` parameters (frozen): the enclave needs ``W`` for
+    the unblinding factors, and PEFT and ``state_dict`` see the same names as before.
+    """
+
+    def __init__(self, base: nn.Linear, ree_name: str, offload: LinearOffload) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.ree_name = ree_name
+        self.offload = offload
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = _OutsourcedLinearFn.apply(x, self)  # type: ignore[no-untyped-call]
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, outsourced as {self.ree_name!r}"
+
+
+def frozen_linear_weights(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` of a plain (not yet PEFT-wrapped) model, by module path."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def outsource_linears(model: nn.Module, offload: LinearOffload) -> list[str]:
+    """Replace every ``nn.Linear`` of ``model`` with an :class:`OutsourcedLinear`, in place.
+
+    Call it on the plain model, before PEFT attaches LoRA (PEFT then wraps the outsourced layers
+    like any ``nn.Linear``). Returns the module paths, which are the names the REE serves.
+    """
+    names = list(frozen_linear_weights(model))
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        setattr(parent, child, OutsourcedLinear(base, name, offload))
+    return names
+
+
+class FrozenLinearServer:
+    """The REE's side: frozen weights by module path, answering ``linear`` and ``linear_t``.
+
+    It sees only masked tensors; it never receives an unmasked activation, gradient or adapter.
+
+    Parameters
+    ----------
+    weights
+        Module path -> weight ``(out_features, in_features)``, on the device the REE computes on.
+    """
+
+    def __init__(self, weights: dict[str, torch.Tensor]) -> None:
+        self.weights = weights
+        self.compute_s = 0.0
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> FrozenLinearServer:
+        """Serve the linears of a plain model (biases stay with the enclave, which adds them)."""
+        linears = frozen_linear_weights(model).items()
+        return cls({name: m.weight.detach().to(WIRE_DTYPE) for name, m in linears})
+
+    def __call__(
+        self, method: str, meta: dict[str, Any], tensors: Tensors
+    ) -> tuple[dict[str, Any], Tensors]:
+        if method not in (LINEAR, LINEAR_T):
+            raise ValueError(f"unknown ocall '{method}' (allowed: {LINEAR}, {LINEAR_T})")
+        name = meta.get("name")
+        weight = self.weights.get(name) if isinstance(name, str) else None
+        if weight is None:
+            raise ValueError(f"ocall {method} names no frozen linear: {name!r}")
+        key = "x" if method == LINEAR else "g"
+        data = tensors.get(key)
+        if data is None or data.ndim < 1 or data.dtype != torch.int64:
+            raise ValueError(f"ocall {method} of {name} needs a float64 tensor '{key}' (as int64)")
+        data = from_wire(data)
+        want = weight.shape[1] if method == LINEAR else weight.shape[0]
+        if data.shape[-1] != want:
+            raise ValueError(
+                f"ocall {method} of {name}: last dimension {data.shape[-1]}, weight needs {want}"
+            )
+        start = time.perf_counter()
+        data = data.to(weight.device, weight.dtype)
+        with torch.no_grad():
+            out = nn.functional.linear(data, weight) if method == LINEAR else data @ weight
+        out = out.cpu()
+        self.compute_s += time.perf_counter() - start
+        return {}, {"y": to_wire(out)}
