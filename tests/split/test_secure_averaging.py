@@ -289,3 +289,27 @@ def test_bundle_lists_and_flat_states_round_trip_and_reject_garbage():
     assert all(torch.equal(back[n], state[n]) for n in state)
     with pytest.raises(FrameError, match="holds 6 values"):
         unflatten_state(np.zeros(6, dtype=np.float32), state)
+
+
+def test_hierarchical_trunk_replicas_are_averaged_at_a_secure_sync(adapter, keys_dir):
+    cfg = split_cfg(silos=2, server_mode="server-hierarchical")
+    states = silo_states(adapter, 2)
+    with trunk_server(cfg, keys_dir) as (service, connect_fn):
+        averagers = [
+            masked_silo(cfg, open_silo(connect_fn, keys_dir, f"silo-{i}"), EXAMPLES[i])
+            for i in range(2)
+        ]
+        engine = service.engine
+        deadline = time.monotonic() + 10
+        while len(engine.replicas) < 2 and time.monotonic() < deadline:  # joins are processed
+            time.sleep(0.01)
+        with torch.no_grad():  # make the replicas differ, as after local trunk steps
+            for p in engine.replicas["silo-0"].params():
+                p.add_(0.1)
+        replicas = [engine.state.get([engine.replicas[f"silo-{i}"].part]) for i in range(2)]
+        _, errors = average_all(averagers, states)
+        after = [engine.state.get([engine.replicas[f"silo-{i}"].part]) for i in range(2)]
+    assert errors == [None, None], errors
+    expected = weighted_average(replicas, EXAMPLES[:2])
+    for state in after:
+        assert all(torch.allclose(state[n], expected[n], atol=1e-7) for n in expected)

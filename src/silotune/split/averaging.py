@@ -1,10 +1,12 @@
 """Weighted averaging of adapter tensors across silos (or trunk replicas), by example count.
 
 Split training averages the silo-side adapters every ``split.sync_every`` steps. The silo calls
-an :class:`AdapterAverager`; the one wired in today relays the tensors to the coordinator over the
-session's AEAD channel, so the coordinator sees each silo's head/tail adapter. A federated
-implementation (secure aggregation through Flower) can replace it without touching the silo loop:
-it only has to implement :meth:`AdapterAverager.average`.
+the :class:`AdapterAverager` that :func:`silotune.split.silo.make_averager` picks from
+``split.secure_averaging``: ``masking`` (default,
+:class:`~silotune.split.secure_averaging.MaskingAverager`: pairwise-mask secure aggregation, the
+coordinator learns only the average) or ``none`` (:class:`~silotune.split.silo.CoordinatorAverager`:
+the coordinator receives each silo's adapter and runs :func:`weighted_average`). Another averager
+only has to implement :meth:`AdapterAverager.average`.
 """
 
 from __future__ import annotations
