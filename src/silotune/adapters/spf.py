@@ -185,7 +185,9 @@ class SPFDelta(nn.Module):
         # float32 whatever the base dtype, as PEFT keeps LoRA weights; zero = the base model.
         self.delta = nn.Parameter(torch.zeros(rows.numel(), in_features, device=device))
 
-    def hook(self, layer: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor):
+    def hook(
+        self, layer: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor
+    ) -> torch.Tensor:
         """Forward hook of the projection: output[..., rows] += x @ delta.T."""
         x = args[0]  # (..., in)
         extra = nn.functional.linear(x.to(self.delta.dtype), self.delta)  # (..., k)
