@@ -7,9 +7,11 @@ Each mask consumes a block range ``[start, start + n)`` of that stream and moves
 it, so two masks never share a keystream block: reuse is impossible by construction, and asking
 for a block below the counter raises :class:`MaskReuseError` rather than returning old keystream.
 
-Uniform 24-bit words become standard normal values by the Box-Muller transform (the stream's two
-halves give the cosine and sine branches), so a mask is ``scale * z`` with ``z ~ N(0, 1)``
-elementwise; its unblinding factor through a linear map ``W`` is ``scale * (W z)``.
+Uniform 32-bit words become float64 standard normal values by the Box-Muller transform (the
+stream's two halves give the cosine and sine branches), so a mask is ``scale * z`` with
+``z ~ N(0, 1)`` elementwise; its unblinding factor through a linear map ``W`` is ``scale * (W z)``.
+No mask element is ever exactly zero: ``u = (k + 1/2) / 2**32`` lies strictly inside (0, 1), so
+the radius is at least ``2**-16`` and the angle never hits a zero of cosine or sine.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ __all__ = ["BLOCK_BYTES", "Mask", "MaskReuseError", "MaskStream"]
 BLOCK_BYTES = 16  # one AES block; the CTR counter counts these
 MASK_LABEL = b"silotune/adapter-tee/mask"
 _COUNTER_LIMIT = 1 << 64  # far below the 2**128 counter space; a stream never gets near it
-_INV_2_24 = 1.0 / (1 << 24)
+_INV_2_32 = 1.0 / (1 << 32)
 
 
 class MaskReuseError(RuntimeError):
@@ -45,7 +47,7 @@ class Mask:
     first_block, n_blocks
         The AES-CTR block range ``[first_block, first_block + n_blocks)`` the mask consumed.
     z
-        The mask values, float32, standard normal elementwise, of the shape asked for.
+        The mask values, float64, standard normal elementwise, of the shape asked for.
     """
 
     first_block: int
@@ -102,14 +104,14 @@ class MaskStream:
         return encryptor.update(bytes(n_blocks * BLOCK_BYTES))[:n_bytes]
 
     def gaussian(self, shape: torch.Size | tuple[int, ...]) -> Mask:
-        """Draw a fresh float32 standard-normal mask of ``shape`` from unused keystream."""
+        """Draw a fresh float64 standard-normal mask of ``shape`` from unused keystream."""
         n = math.prod(shape)
         half = -(-n // 2)  # Box-Muller turns each (u1, u2) pair into two normal values
         first = self._next_block
         stream = self.keystream(first, 8 * half)
-        words = np.frombuffer(stream, dtype="<u4") >> np.uint32(8)  # 24-bit uniforms
-        # (k + 0.5) / 2**24 lies in (0, 1): log never sees 0 and float32 holds it exactly.
-        uniform = (torch.from_numpy(words.astype(np.float32)) + 0.5) * _INV_2_24
+        words = np.frombuffer(stream, dtype="<u4").astype(np.float64)
+        # (k + 0.5) / 2**32 is exact in float64 and lies strictly inside (0, 1).
+        uniform = (torch.from_numpy(words) + 0.5) * _INV_2_32
         u1, u2 = uniform[:half], uniform[half:]
         radius = torch.sqrt(-2.0 * torch.log(u1))
         angle = (2.0 * math.pi) * u2

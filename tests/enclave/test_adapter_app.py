@@ -1,0 +1,136 @@
+"""Adapter placement enclave, in process: equal to the plain trainer, masked traffic, once-only calls."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from silotune.config import JobConfig
+from silotune.enclave.adapter_app import check_enclave_job, enclave_app_config
+from silotune.enclave.adapter_runner import LocalEnclave, compare_with_plain, load_ree_model
+from silotune.enclave.base import EnclaveError
+from silotune.enclave.masked_linear import FrozenLinearServer, OutsourcedLinear, from_wire
+from silotune.errors import ConfigError
+from silotune.train.dispatch import run_job
+from tests.conftest import FAST_JOB
+
+Tensors = dict[str, torch.Tensor]
+JOB = {**FAST_JOB, "adapter": {"type": "lora", "r": 4, "placement": "enclave"}}
+ENCLAVE_JOB = {**JOB, "enclave": {"mask_std": 1e4}}
+
+
+def test_enclave_training_equals_the_plain_trainer() -> None:
+    result = compare_with_plain(ENCLAVE_JOB, steps=4, in_process=True)
+    assert result["max_abs_diff"] <= 1e-5
+    assert result["max_loss_diff"] <= 1e-4
+    assert result["plain_losses"][0] == pytest.approx(result["enclave_losses"][0], abs=1e-5)
+    assert result["plain_step_s"] > 0 and result["enclave_step_s"] > 0
+    assert result["ocalls_per_step"] > 0 and result["bytes_to_ree_per_step"] > 0
+
+
+@pytest.fixture
+def local(make_job: Callable[..., JobConfig]) -> tuple[JobConfig, LocalEnclave]:
+    cfg = make_job("adapter.placement=enclave", "enclave.mask_std=1e4")
+    return cfg, LocalEnclave(enclave_app_config(cfg))
+
+
+def test_the_ree_sees_only_fresh_masked_tensors(local: tuple[JobConfig, LocalEnclave]) -> None:
+    cfg, enclave = local
+    server = FrozenLinearServer.from_model(load_ree_model(cfg).model)
+    sent: list[tuple[str, str, torch.Tensor]] = []
+
+    def ree(method: str, meta: dict[str, Any], tensors: Tensors) -> tuple[dict, Tensors]:
+        sent.extend((method, meta["name"], from_wire(t).clone()) for t in tensors.values())
+        return server(method, meta, tensors)
+
+    clear: dict[tuple[str, str], list[torch.Tensor]] = {}
+    for module in enclave.app.model.modules():
+        if isinstance(module, OutsourcedLinear):
+            name = module.ree_name
+            module.register_forward_hook(
+                lambda m, a, o, n=name: clear.setdefault(("linear", n), []).append(a[0].detach())
+            )
+            module.register_full_backward_hook(
+                lambda m, gi, go, n=name: clear.setdefault(("linear_t", n), []).append(go[0])
+            )
+    blocks: list[range] = []
+    draw = enclave.app.offload.masks.gaussian
+
+    def spy(shape: tuple[int, ...]) -> Any:
+        mask = draw(shape)
+        blocks.append(range(mask.first_block, mask.first_block + mask.n_blocks))
+        return mask
+
+    enclave.app.offload.masks.gaussian = spy  # type: ignore[method-assign]
+    info, _ = enclave.call("train_step", {"step": 0}, {}, ree)
+    assert info["ocalls"] == len(sent) > 0
+    assert {m for m, _, _ in sent} == {"linear", "linear_t"}
+    for method, name, tensor in sent:
+        truths = clear[(method, name)]
+        for truth in truths:
+            assert tensor.shape == truth.shape
+            assert not bool((tensor == truth.double()).any()), (method, name)  # none in clear
+            assert float((tensor - truth).abs().mean()) > 100 * float(truth.abs().max())
+    # One mask per distinct tensor, each from keystream no other mask touched.
+    assert len(blocks) == info["masks"]
+    used = [b for r in blocks for b in r]
+    assert len(used) == len(set(used))
+
+
+def test_every_call_runs_once_and_in_order(local: tuple[JobConfig, LocalEnclave]) -> None:
+    cfg, enclave = local
+    server = FrozenLinearServer.from_model(load_ree_model(cfg).model)
+    with pytest.raises(EnclaveError, match="next step is 0"):
+        enclave.call("train_step", {"step": 1}, {}, server)
+    with pytest.raises(EnclaveError, match="released only after the last step"):
+        enclave.call("release", {}, {}, server)
+    with pytest.raises(EnclaveError, match="no validation evaluation is due at step 0"):
+        enclave.call("evaluate", {"split": "validation"}, {}, server)
+    enclave.call("train_step", {"step": 0}, {}, server)
+    with pytest.raises(EnclaveError, match="next step is 1"):
+        enclave.call("train_step", {"step": 0}, {}, server)  # no replay of a batch
+    enclave.call("train_step", {"step": 1}, {}, server)
+    info, _ = enclave.call("evaluate", {"split": "validation"}, {}, server)  # eval_every = 2
+    assert 0.0 <= info["scores"]["accuracy"] <= 1.0
+    with pytest.raises(EnclaveError, match="each runs once"):
+        enclave.call("evaluate", {"split": "validation"}, {}, server)
+    with pytest.raises(EnclaveError, match="no method 'weights'"):
+        enclave.call("weights", {}, {}, server)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("adapter.type=prefix", "supports adapter.type lora only"),
+        ("adapter.spf.enabled=true", "adapter.spf.enabled is not supported"),
+        ("model.dtype=bfloat16", "set model.dtype to float32 or auto"),
+    ],
+)
+def test_jobs_the_enclave_cannot_run_are_refused(
+    make_job: Callable[..., JobConfig], override: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        check_enclave_job(make_job("adapter.placement=enclave", override))
+
+
+def test_non_llama_models_are_refused(
+    make_job: Callable[..., JobConfig], tiny_hf_folder: Callable[[str], Path]
+) -> None:
+    cfg = make_job("adapter.placement=enclave", f"model.name={tiny_hf_folder('gpt2')}")
+    with pytest.raises(ConfigError, match="supports model types llama, mistral, qwen2"):
+        load_ree_model(cfg)
+
+
+@pytest.mark.parametrize("mode", ["federated", "split"])
+def test_other_modes_are_refused(make_job: Callable[..., JobConfig], mode: str) -> None:
+    with pytest.raises(ConfigError, match="runs in mode centralized only"):
+        run_job(make_job("adapter.placement=enclave", f"mode={mode}"), progress=False)
+
+
+def test_resume_is_refused(make_job: Callable[..., JobConfig]) -> None:
+    with pytest.raises(ConfigError, match="--resume is not supported"):
+        run_job(make_job("adapter.placement=enclave"), resume=True, progress=False)
