@@ -34,10 +34,12 @@ class EnclaveConfig(_Strict):
         None, description="where the enclave seals state at rest; default <output_dir>/sealed"
     )
     mask_std: float = Field(
-        1.0,
+        1.0e4,
         gt=0,
+        le=1.0e6,
         description="adapter placement enclave: std of the fresh one-time Gaussian masks, as a "
-        "multiple of each masked tensor's RMS (docs/enclave.md: what the REE learns)",
+        "multiple of each masked tensor's largest magnitude; above 1e6 the float64 masked "
+        "matmuls start to cost float32 accuracy (docs/adapter-in-tee.md: what the REE learns)",
     )
 
     @field_validator("allowed_measurements")
