@@ -54,6 +54,12 @@ class SPFConfig(_Strict):
         description="fraction of FFN neurons trained, top by L1 norm of their up-projection row; "
         "the gate projection trains the same neurons (ceil, at least one)",
     )
+    lr: float | None = Field(
+        None,
+        gt=0,
+        description="peak learning rate of the SPF rows (their own AdamW group, same schedule); "
+        "null = train.lr",
+    )
 
 
 class AdapterConfig(_Strict):

@@ -23,7 +23,7 @@ from silotune.errors import CheckpointError, ConfigError
 from silotune.eval.runner import evaluate_job
 from silotune.models.presets import build_tiny_llama
 from silotune.train.checkpoint import latest_checkpoint, load_checkpoint
-from silotune.train.loop import forward_loss, make_optimizer, train_step
+from silotune.train.loop import forward_loss, make_optimizer, make_scheduler, train_step
 from silotune.train.trainer import build_job, train_centralized
 from tests.conftest import FAST_JOB, build_tiny_arch
 
@@ -123,6 +123,21 @@ def test_lora_defaults_to_the_projections_spf_leaves_and_explicit_targets_win() 
     overlap = attach_adapter(build_tiny_llama()[0], both)  # LoRA and SPF on q_proj: they add
     assert set(overlap.peft_config["default"].target_modules) == {"q_proj"}
     assert "model.layers.0.self_attn.q_proj" in spf_deltas(overlap)
+
+
+def test_spf_lr_puts_the_deltas_in_their_own_scheduled_adamw_group(make_job) -> None:
+    cfg = make_job(*SPF_ON, "adapter.spf.lr=1e-4", "train.lr=1e-3", "train.warmup_steps=1")
+    job = build_job(cfg)
+    optimizer = make_optimizer(job.model, cfg.train)
+    lora, spf = optimizer.param_groups
+    assert {id(p) for p in spf["params"]} == {id(d.delta) for d in spf_deltas(job.model).values()}
+    assert len(lora["params"]) == 2 * 2 * 6  # A and B of o_proj and down_proj in 6 blocks
+    scheduler = make_scheduler(optimizer, cfg.train)  # warm-up: half of each peak at step 0
+    assert (lora["lr"], spf["lr"]) == pytest.approx((5e-4, 5e-5))
+    train_step(job.model, job.stream, 0, optimizer, scheduler, cfg.train, job.device)
+    assert (lora["lr"], spf["lr"]) == pytest.approx((1e-3, 1e-4))
+    default = make_optimizer(build_job(make_job(*SPF_ON)).model, cfg.train)
+    assert len(default.param_groups) == 1
 
 
 @pytest.fixture(scope="module")

@@ -179,8 +179,11 @@ def select_rows(model: nn.Module, cfg: SPFConfig) -> dict[str, torch.Tensor]:
 class SPFDelta(nn.Module):
     """Trainable values of the chosen rows of one frozen projection, added by a forward hook."""
 
-    def __init__(self, rows: torch.Tensor, in_features: int, device: torch.device) -> None:
+    def __init__(
+        self, rows: torch.Tensor, in_features: int, device: torch.device, lr: float | None = None
+    ) -> None:
         super().__init__()
+        self.lr = lr  # its own learning rate (adapter.spf.lr), None = the job's
         self.register_buffer("rows", rows.to(device=device, dtype=torch.long), persistent=False)
         # float32 whatever the base dtype, as PEFT keeps LoRA weights; zero = the base model.
         self.delta = nn.Parameter(torch.zeros(rows.numel(), in_features, device=device))
@@ -198,7 +201,10 @@ class SPFDelta(nn.Module):
 
 
 def attach_rows(
-    model: nn.Module, rows: dict[str, torch.Tensor], trainable: bool = True
+    model: nn.Module,
+    rows: dict[str, torch.Tensor],
+    trainable: bool = True,
+    lr: float | None = None,
 ) -> dict[str, SPFDelta]:
     """Give each named projection of ``model`` a zero delta on ``rows`` (after LoRA is attached)."""
     deltas, model = {}, unwrap(model)
@@ -207,7 +213,7 @@ def attach_rows(
         if hasattr(layer, CHILD):
             raise ConfigError(f"{name} already has SPF deltas attached")
         weight = weight_rows(layer)
-        delta = SPFDelta(picked, weight.shape[1], weight.device)
+        delta = SPFDelta(picked, weight.shape[1], weight.device, lr)
         delta.delta.requires_grad_(trainable)
         layer.add_module(CHILD, delta)
         layer.register_forward_hook(delta.hook)
@@ -218,7 +224,7 @@ def attach_rows(
 def attach_spf(model: nn.Module, cfg: SPFConfig) -> dict[str, SPFDelta]:
     """Select rows from the frozen base weights and attach trainable zero deltas to them."""
     model = unwrap(model)
-    deltas = attach_rows(model, select_rows(model, cfg))
+    deltas = attach_rows(model, select_rows(model, cfg), lr=cfg.lr)
     model.silotune_spf = {"head_ratio": cfg.head_ratio, "ffn_ratio": cfg.ffn_ratio}
     count = sum(d.delta.numel() for d in deltas.values())
     log.info("SPF: training %d parameters in %d projections", count, len(deltas))

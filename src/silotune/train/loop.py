@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from silotune.adapters.spf import spf_deltas
 from silotune.config import TrainConfig
 from silotune.data.tasks import IGNORE_INDEX, Encoded, collate
 from silotune.errors import TrainingError
@@ -74,11 +75,20 @@ class BatchStream:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters only (the base model is frozen)."""
+    """AdamW over the trainable parameters only (the base model is frozen).
+
+    SPF deltas with their own learning rate (``adapter.spf.lr``) form a second parameter group;
+    the schedule scales both groups alike.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters; is an adapter attached?")
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    own = {id(d.delta): d.lr for d in spf_deltas(model).values() if d.lr is not None}
+    groups = [{"params": [p for p in params if id(p) not in own], "lr": cfg.lr}]
+    for lr in sorted(set(own.values())):
+        groups.append({"params": [p for p in params if own.get(id(p)) == lr], "lr": lr})
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def make_scheduler(
