@@ -23,6 +23,8 @@ __all__ = [
     "COORDINATOR_PUB",
     "ENROLLMENT",
     "load_coordinator_keys",
+    "load_enrollment",
+    "load_silo_identity",
     "load_silo_keys",
     "write_job_keys",
 ]
@@ -76,6 +78,30 @@ def load_silo_keys(folder: Path | None, silo_name: str) -> tuple[IdentityKey, Pu
         return IdentityKey.load(folder / f"{silo_name}.key"), PublicIdentity.load(
             folder / COORDINATOR_PUB
         )
+    except FileNotFoundError as exc:
+        raise ConfigError(f"split.keys_dir: {exc.filename} is missing") from None
+    except CryptoError as exc:
+        raise ConfigError(f"split.keys_dir: {exc}") from None
+
+
+def load_enrollment(folder: Path | None, role: str = "coordinator") -> Enrollment:
+    """The enrollment (silos' public keys) from ``split.keys_dir``; ``role`` names who needs it."""
+    folder = _need_dir(folder, role, ENROLLMENT)
+    try:
+        return Enrollment.load(folder / ENROLLMENT)
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"split.keys_dir: {exc.filename} is missing; the {role} needs it"
+        ) from None
+    except CryptoError as exc:
+        raise ConfigError(f"split.keys_dir: {exc}") from None
+
+
+def load_silo_identity(folder: Path | None, silo_name: str) -> IdentityKey:
+    """A silo's own identity key (the trunk-in-enclave case: the coordinator key comes attested)."""
+    folder = _need_dir(folder, f"silo {silo_name!r}", f"{silo_name}.key")
+    try:
+        return IdentityKey.load(folder / f"{silo_name}.key")
     except FileNotFoundError as exc:
         raise ConfigError(f"split.keys_dir: {exc.filename} is missing") from None
     except CryptoError as exc:

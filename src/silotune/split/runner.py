@@ -25,13 +25,23 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from silotune.config import JobConfig, dump_config
+from silotune.crypto.identity import IdentityKey
 from silotune.data.partition import partition_iid
 from silotune.data.registry import DatasetSplits, load_splits
 from silotune.data.tasks import ClassificationTask, LanguageModelingTask, make_task
+from silotune.enclave.base import EnclaveError
+from silotune.enclave.platform import load_platform_key
+from silotune.enclave.relay import EnclaveTrunk
 from silotune.errors import ConfigError, SilotuneError
 from silotune.eval.evaluate import evaluate
 from silotune.split.engines import Roster, make_engine
-from silotune.split.keys import load_coordinator_keys, load_silo_keys, write_job_keys
+from silotune.split.keys import (
+    load_coordinator_keys,
+    load_enrollment,
+    load_silo_identity,
+    load_silo_keys,
+    write_job_keys,
+)
 from silotune.split.parts import (
     ModelHalf,
     PartState,
@@ -61,6 +71,7 @@ log = logging.getLogger(__name__)
 
 SILOS_DIR = "silos"
 TRUNK_ADAPTER = "trunk_adapter.safetensors"
+Trunk = TrunkService | EnclaveTrunk  # the trunk in this process, or in a simulated enclave
 
 
 # --------------------------------------------------------------------------- silo
@@ -114,7 +125,12 @@ def run_silo(
     """
     check_split_config(cfg)
     t, s = cfg.train, cfg.split
-    identity, coordinator = load_silo_keys(s.keys_dir, silo_name)
+    if s.trunk_in_enclave:
+        from silotune.enclave.attest import attest_trunk, trunk_policy
+
+        identity, policy = load_silo_identity(s.keys_dir, silo_name), trunk_policy(cfg)
+    else:
+        identity, coordinator = load_silo_keys(s.keys_dir, silo_name)
     if s.tls_dir is None:
         raise ConfigError("split.tls_dir is not set; a silo needs the CA certificate ca.pem")
     tls = load_tls_material(s.tls_dir, role="client")
@@ -135,6 +151,9 @@ def run_silo(
     device = half.loaded.device
 
     connection = connect(target or s.address, tls=tls, client_id=silo_name, timeout=s.timeout_s)
+    if s.trunk_in_enclave:  # the coordinator key is the enclave's, taken from a verified quote
+        coordinator = attest_trunk(connection, policy, s.timeout_s)
+        log.info("Attested the coordinator's simulated enclave; keying the channel to it.")
     session = open_session(connection, identity, coordinator, timeout=s.timeout_s)
     try:
         return _train_silo(
@@ -243,14 +262,21 @@ def build_service(cfg: JobConfig, identity: Any, enrollment: Any) -> TrunkServic
 def serve(cfg: JobConfig, overwrite: bool = False) -> dict[str, Any]:
     """Run the trunk server at ``split.address`` until every silo has said goodbye."""
     check_split_config(cfg)
-    identity, enrollment = load_coordinator_keys(cfg.split.keys_dir)
+    if cfg.split.trunk_in_enclave:  # the enclave makes its own identity; the host needs none
+        enrollment = load_enrollment(cfg.split.keys_dir)
+    else:
+        identity, enrollment = load_coordinator_keys(cfg.split.keys_dir)
     if cfg.split.tls_dir is None:
         raise ConfigError(
             "split.tls_dir is not set; the coordinator needs ca.pem, server.pem, server.key"
         )
     tls = load_tls_material(cfg.split.tls_dir, role="server")
     prepare_output_dir(cfg, resume=False, overwrite=overwrite)
-    service = build_service(cfg, identity, enrollment)
+    service: Trunk
+    if cfg.split.trunk_in_enclave:
+        service = _start_enclave(cfg, enrollment, load_platform_key(cfg.enclave.platform_key))
+    else:
+        service = build_service(cfg, identity, enrollment)
     server = GrpcStreamServer(
         service.handle, cfg.split.address, tls=tls, max_connections=cfg.split.silos + 8
     )
@@ -265,27 +291,61 @@ def serve(cfg: JobConfig, overwrite: bool = False) -> dict[str, Any]:
     clock = time.perf_counter()
     try:
         service.finished.wait()
+        if isinstance(service, EnclaveTrunk):
+            _final_status(service)
+        return _coordinator_summary(cfg, service, time.perf_counter() - clock)
     finally:
         server.stop(grace=1.0)
-    return _coordinator_summary(cfg, service, time.perf_counter() - clock)
+        if isinstance(service, EnclaveTrunk):
+            service.close()
 
 
-def _coordinator_summary(cfg: JobConfig, service: TrunkService, seconds: float) -> dict[str, Any]:
+def _coordinator_summary(cfg: JobConfig, service: Trunk, seconds: float) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     out = cfg.output_dir
-    save_file(service.engine.trunk_state(), out / TRUNK_ADAPTER, metadata={"format": "pt"})
-    summary = {
+    summary: dict[str, Any] = {
         "mode": "split",
         "role": "coordinator",
         "server_mode": cfg.split.server_mode,
         "seconds": seconds,
-        "trunk_steps": service.engine.commits,
-        "trunk_adapter": str(out / TRUNK_ADAPTER),
+        "trunk_steps": _commits(service),
         "sessions": [vars(r) for r in service.records],
     }
+    if isinstance(service, EnclaveTrunk):  # the host keeps the trunk adapter only sealed
+        sealed = service.save_sealed(cfg.enclave.seal_dir or out / "sealed")
+        summary["trunk_adapter_sealed"] = str(sealed)
+        summary["enclave"] = {"backend": "simulated", "measurement": service.measurement.hex()}
+    else:
+        save_file(service.engine.trunk_state(), out / TRUNK_ADAPTER, metadata={"format": "pt"})
+        summary["trunk_adapter"] = str(out / TRUNK_ADAPTER)
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
+
+
+def _start_enclave(
+    cfg: JobConfig, enrollment: Any, platform_key: Any, threads: int | None = None
+) -> EnclaveTrunk:
+    trunk = EnclaveTrunk.start(cfg, enrollment, platform_key, threads=threads)
+    log.info(
+        "Trunk runs in a SIMULATED enclave (measurement %s); this host relays only ciphertext.",
+        trunk.measurement.hex(),
+    )
+    return trunk
+
+
+def _commits(service: Trunk) -> int:
+    return service.commits if isinstance(service, EnclaveTrunk) else service.engine.commits
+
+
+def _final_status(service: EnclaveTrunk) -> None:
+    """Fetch the enclave's last records; raise SplitError if the enclave failed."""
+    try:
+        service.refresh()
+    except EnclaveError as exc:
+        service.error = service.error or str(exc)
+    if service.error is not None:
+        raise SplitError(f"the trunk's simulated enclave failed: {service.error}")
 
 
 # --------------------------------------------------------------------------- one machine
@@ -341,7 +401,14 @@ def train_split(
         local = cfg.model_copy(deep=True)
         local.split.keys_dir, local.split.tls_dir = keys_dir, tls_dir
         identity, enrollment = load_coordinator_keys(keys_dir)
-        service = build_service(local, identity, enrollment)
+        service: Trunk
+        if cfg.split.trunk_in_enclave:  # a throwaway platform; silos get its public key
+            platform = IdentityKey.generate()
+            platform.public.save(Path(tmp) / "platform.pub")
+            local.enclave.platform_key = Path(tmp) / "platform.pub"
+            service = _start_enclave(local, enrollment, platform, threads)
+        else:
+            service = build_service(local, identity, enrollment)
         server = GrpcStreamServer(
             service.handle, "127.0.0.1:0", tls=load_tls_material(tls_dir), max_connections=64
         )
@@ -365,17 +432,21 @@ def train_split(
                 process.start()
                 processes.append(process)
             _wait(processes, service, cfg, progress)
+            if isinstance(service, EnclaveTrunk):
+                _final_status(service)
         finally:
             for process in processes:
                 if process.is_alive():
                     process.kill()
                     process.join(5)
             server.stop(grace=1.0)
+            if isinstance(service, EnclaveTrunk):
+                service.close()
         seconds = time.perf_counter() - clock
     return _merge_outputs(cfg, names, processes, service, seconds)
 
 
-def _wait(processes: list[Any], service: TrunkService, cfg: JobConfig, progress: bool) -> None:
+def _wait(processes: list[Any], service: Trunk, cfg: JobConfig, progress: bool) -> None:
     total = cfg.train.max_steps * len(processes)
     with Progress(
         TextColumn("[bold]split"),
@@ -393,7 +464,7 @@ def _wait(processes: list[Any], service: TrunkService, cfg: JobConfig, progress:
 
 
 def _merge_outputs(
-    cfg: JobConfig, names: list[str], processes: list[Any], service: TrunkService, seconds: float
+    cfg: JobConfig, names: list[str], processes: list[Any], service: Trunk, seconds: float
 ) -> dict[str, Any]:
     out = cfg.output_dir
     failed = {}
@@ -421,7 +492,7 @@ def _merge_outputs(
     (out / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in lines), "utf-8")
     shutil.copytree(first / ADAPTER_DIR, out / ADAPTER_DIR, dirs_exist_ok=True)
     silo0 = json.loads((first / SUMMARY_FILE).read_text(encoding="utf-8"))
-    summary = {
+    summary: dict[str, Any] = {
         "mode": "split",
         "steps": cfg.train.max_steps,
         "train_seconds": seconds,
@@ -432,10 +503,15 @@ def _merge_outputs(
             "silos": len(names),
             "failed_silos": sorted(failed),
             "wire_bytes_per_step_silo0": silo0["wire_bytes_per_step"],
-            "trunk_steps": service.engine.commits,
+            "trunk_steps": _commits(service),
             "sessions": [vars(r) for r in service.records],
         },
     }
+    if isinstance(service, EnclaveTrunk):
+        summary["split"]["enclave"] = {
+            "backend": "simulated",
+            "measurement": service.measurement.hex(),
+        }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     (out / CONFIG_FILE).write_text(dump_config(cfg), encoding="utf-8")
     return summary
