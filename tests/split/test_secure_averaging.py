@@ -271,8 +271,11 @@ def test_silos_must_agree_on_how_they_average(keys_dir):
         assert isinstance(second, CoordinatorAverager)
         with pytest.raises(SplitError, match="split.secure_averaging 'none' but this job uses"):
             second.link.session.recv(10)
-        first.link.session.close()
-    assert {r.silo: r.outcome for r in service.records}["silo-1"] == "failed"
+        # A silo of a masking job may not send its adapter in clear either.
+        with pytest.raises(SplitError, match="a 'sync' frame, but this job averages with 'mask"):
+            first.link.sync({"w": torch.ones(3)}, 10)
+    outcomes = {r.silo: r.outcome for r in service.records}
+    assert outcomes == {"silo-0": "rejected", "silo-1": "failed"}
 
 
 def test_bundle_lists_and_flat_states_round_trip_and_reject_garbage():

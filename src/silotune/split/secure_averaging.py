@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -394,7 +394,9 @@ class MaskedAveraging:
             session, step, REVEAL, meta={"silos": len(rnd.uploaded)}, tensors={"average": average}
         )
 
-    def _stage(self, member: str, rnd: _Round, point: str, make: Any) -> Any:
+    def _stage(
+        self, member: str, rnd: _Round, point: str, make: Callable[[dict[str, Any]], Any]
+    ) -> Any:
         """Meet the round's other silos at ``point``; the last one computes ``make`` for all."""
 
         def combine(values: dict[str, Any]) -> dict[str, Any]:
@@ -472,6 +474,10 @@ class MaskedAveraging:
 
 def _offer(hello: Frame) -> dict[str, Any]:
     """A silo's validated ``hello``: vector length, clip and transport public key."""
+    if hello.meta.get("stage") != HELLO:
+        raise FrameError(
+            f"a secure-averaging round starts with stage '{HELLO}', got {hello.meta.get('stage')!r}"
+        )
     length = _int(hello.meta, "length", MAX_VECTOR_LENGTH + 1)
     clip = hello.meta.get("clip")
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not math.isfinite(clip):

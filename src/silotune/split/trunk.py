@@ -12,8 +12,8 @@ forward    ``hidden (B,T,C)``, ``mask (B,T)``;   forward ``hidden (B,T,C)``
 backward   ``grad (B,T,C)``; meta ``last``       backward ``grad (B,T,C)``; meta ``trunk_sq``
 commit     meta ``coef`` (clipping factor)       (none)
 sync       the silo's adapter; meta ``examples`` sync: the average over live silos
-secagg     one secure-averaging stage            secagg: that stage's answer (see
-           (:mod:`silotune.split.secure_averaging`)   :mod:`~silotune.split.secure_averaging`)
+secagg     one secure-averaging stage; meta      secagg: that stage's answer (see
+           ``stage``                             :mod:`~.secure_averaging`)
 bye        (none)                                bye: the trunk adapter
 =========  ====================================  =========================================
 
