@@ -206,6 +206,8 @@ class MaskingAverager:
             value exceeds ``split.secagg_clip``).
         """
         del examples  # the coordinator weighs by the count of the join frame
+        if not state:
+            return {}  # nothing trainable on this silo's side: nothing to average
         try:
             return self._round(step, state)
         except (CryptoError, SplitError, ValueError) as exc:
