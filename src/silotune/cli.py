@@ -197,6 +197,7 @@ from silotune.split import cli as split_cli  # noqa: E402  (serve, join)
 app.command()(split_cli.serve)
 app.command()(split_cli.join)
 app.command("keygen")(__import__("silotune.federated.keygen", fromlist=["keygen"]).keygen)
+app.add_typer(__import__("silotune.enclave.cli", fromlist=["app"]).app, name="enclave")
 
 
 def _print_scores(split: str, scores: dict[str, float]) -> None:

@@ -24,10 +24,13 @@ def serve(
     from silotune.split.runner import serve as run_server
 
     summary = run_server(load_config(config, set_), overwrite=overwrite)
-    Console(stderr=True).print(
-        f"trunk server done: {summary['trunk_steps']} trunk steps; trunk adapter saved to "
-        f"{summary['trunk_adapter']}"
-    )
+    if "trunk_adapter_sealed" in summary:
+        saved = (
+            f"trunk adapter sealed by the simulated enclave to {summary['trunk_adapter_sealed']}"
+        )
+    else:
+        saved = f"trunk adapter saved to {summary['trunk_adapter']}"
+    Console(stderr=True).print(f"trunk server done: {summary['trunk_steps']} trunk steps; {saved}")
 
 
 def join(
