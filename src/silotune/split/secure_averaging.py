@@ -206,8 +206,11 @@ class MaskingAverager:
             value exceeds ``split.secagg_clip``).
         """
         del examples  # the coordinator weighs by the count of the join frame
-        if not state:
-            return {}  # nothing trainable on this silo's side: nothing to average
+        if not any(t.numel() for t in state.values()):
+            raise SplitError(
+                "this silo has no adapter values to average; secure averaging needs at least one "
+                "(or set split.secure_averaging: none)"
+            )
         try:
             return self._round(step, state)
         except (CryptoError, SplitError, ValueError) as exc:
