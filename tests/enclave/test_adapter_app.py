@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -134,3 +135,19 @@ def test_other_modes_are_refused(make_job: Callable[..., JobConfig], mode: str) 
 def test_resume_is_refused(make_job: Callable[..., JobConfig]) -> None:
     with pytest.raises(ConfigError, match="--resume is not supported"):
         run_job(make_job("adapter.placement=enclave"), resume=True, progress=False)
+
+
+def test_the_measured_configuration_binds_the_model_files(
+    make_job: Callable[..., JobConfig], tiny_hf_folder: Callable[[str], Path], tmp_path: Path
+) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_hf_folder("llama"), folder)
+    cfg = make_job("adapter.placement=enclave", f"model.name={folder}")
+    app_config = enclave_app_config(cfg)
+    assert len(app_config["model_sha256"]) == 64
+    assert enclave_app_config(make_job("adapter.placement=enclave"))["model_sha256"] is None
+    LocalEnclave(app_config)  # the files it was measured with: starts
+    with (folder / "config.json").open("a") as fh:
+        fh.write("\n")  # still the same model to transformers, other bytes to the measurement
+    with pytest.raises(EnclaveError, match="refusing other weights"):
+        LocalEnclave(app_config)

@@ -18,8 +18,10 @@ enclave recompute a batch and hand it several independently masked copies to ave
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,12 +33,19 @@ from silotune.data.tasks import make_task
 from silotune.enclave.base import EnclaveError, OcallHandler, Tensors
 from silotune.enclave.masked_linear import LinearOffload, outsource_linears
 from silotune.enclave.masked_stream import MaskStream
-from silotune.errors import ConfigError
+from silotune.errors import ConfigError, ModelError
 from silotune.eval.evaluate import evaluate
 from silotune.models.loading import load_model
+from silotune.models.presets import PRESETS, smollm2_folder
 from silotune.train.loop import BatchStream, make_optimizer, make_scheduler, train_step
 
-__all__ = ["ENCLAVE_MODEL_TYPES", "AdapterEnclaveApp", "check_enclave_job", "enclave_app_config"]
+__all__ = [
+    "ENCLAVE_MODEL_TYPES",
+    "AdapterEnclaveApp",
+    "check_enclave_job",
+    "enclave_app_config",
+    "model_digest",
+]
 
 # Decoder families whose every frozen matmul is an nn.Linear (GPT-2's Conv1D is not).
 ENCLAVE_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -60,14 +69,39 @@ def check_enclave_job(cfg: JobConfig) -> None:
         )
 
 
+def model_digest(name: str) -> str | None:
+    """SHA-256 over every file of the model's folder (weights, config, tokenizer), hex.
+
+    ``None`` for ``tiny-llama``, which is built from code and a seed that the measurement covers.
+    """
+    if name == "tiny-llama":
+        return None
+    folder = smollm2_folder() if name == "smollm2-135m" else Path(name).expanduser()
+    if not folder.is_dir():
+        raise ModelError(f"model '{name}' is neither a preset ({', '.join(PRESETS)}) nor a folder")
+    digest = hashlib.sha256(b"silotune/model-folder/v1\x00")
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        digest.update(path.name.encode("utf-8") + b"\x00" + path.stat().st_size.to_bytes(8, "big"))
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def enclave_app_config(cfg: JobConfig) -> dict[str, Any]:
-    """The measured configuration of the adapter app: the job's recipe and the mask scale.
+    """The measured configuration of the adapter app: the recipe, the weights' hash, the masks.
 
     The enclave always computes on its CPU in float32; ``model.device`` is where the REE runs.
+    Binding the hash of the model's files into the measurement means a verifier who accepts the
+    measurement accepts exactly those frozen weights, and the enclave refuses to start on others.
     """
     job = cfg.model_dump(mode="json", include=set(_JOB_SECTIONS))
     job["model"] = {**job["model"], "device": "cpu", "dtype": "float32"}
-    return {"job": job, "mask_std": cfg.enclave.mask_std}
+    return {
+        "job": job,
+        "model_sha256": model_digest(cfg.model.name),
+        "mask_std": cfg.enclave.mask_std,
+    }
 
 
 class AdapterEnclaveApp:
@@ -79,6 +113,12 @@ class AdapterEnclaveApp:
         if not isinstance(job, dict) or not isinstance(mask_std, (int, float)) or mask_std <= 0:
             raise EnclaveError("the adapter app needs config {'job': {...}, 'mask_std': > 0}")
         cfg = config_from_dict(job)
+        found = model_digest(cfg.model.name)
+        if found != config.get("model_sha256"):
+            raise EnclaveError(
+                f"the model files of '{cfg.model.name}' hash to {found}, but the measured "
+                f"configuration names {config.get('model_sha256')}; refusing other weights"
+            )
         self.cfg = cfg
         self.runtime = runtime
         self._lock = threading.Lock()
