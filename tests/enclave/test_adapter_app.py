@@ -27,6 +27,8 @@ ENCLAVE_JOB = {**JOB, "enclave": {"mask_std": 1e4}}
 def test_enclave_training_equals_the_plain_trainer() -> None:
     result = compare_with_plain(ENCLAVE_JOB, steps=4, in_process=True)
     assert result["max_abs_diff"] <= 1e-5
+    assert result["elements_over_1e-5"] == 0 and result["elements"] > 0
+    assert result["rel_diff"] <= 1e-5
     assert result["max_loss_diff"] <= 1e-4
     assert result["plain_losses"][0] == pytest.approx(result["enclave_losses"][0], abs=1e-5)
     assert result["plain_step_s"] > 0 and result["enclave_step_s"] > 0
