@@ -39,6 +39,11 @@ def head_rows(heads: list[int], dim: int, offset: int = 0) -> list[int]:
     return sorted(offset + h * dim + i for h in heads for i in range(dim))
 
 
+def as_ranked(weight: torch.Tensor) -> torch.Tensor:
+    """The values SPF ranks: the weight rounded to bfloat16 (see spf._rank), in float64."""
+    return weight.detach().to(torch.bfloat16).double()
+
+
 def top(norms: torch.Tensor, k: int) -> list[int]:
     return torch.topk(norms, k).indices.tolist()
 
@@ -58,16 +63,33 @@ def test_llama_selection_ranks_heads_per_projection_with_gqa_and_neurons_by_up_r
     for i, layer in enumerate(model.model.layers):
         prefix = f"model.layers.{i}."
         for proj, heads in (("q_proj", 4), ("k_proj", 2), ("v_proj", 2)):
-            weight = getattr(layer.self_attn, proj).weight.detach()  # (heads * 32, 128)
+            weight = as_ranked(getattr(layer.self_attn, proj).weight)  # (heads * 32, 128)
             norms = weight.abs().reshape(heads, 32, -1).sum(dim=(1, 2))
             want = head_rows(top(norms, math.ceil(heads / 2)), 32)
             assert rows[f"{prefix}self_attn.{proj}"].tolist() == want
-        up = layer.mlp.up_proj.weight.detach()
+        up = as_ranked(layer.mlp.up_proj.weight)
         assert rows[f"{prefix}mlp.up_proj"].tolist() == sorted(top(up.abs().sum(dim=1), 88))
         assert torch.equal(rows[f"{prefix}mlp.gate_proj"], rows[f"{prefix}mlp.up_proj"])
     everything = select_rows(model, spf_cfg(head=1.0, ffn=1.0))
     assert everything["model.layers.0.self_attn.k_proj"].tolist() == list(range(64))
     assert everything["model.layers.0.mlp.up_proj"].tolist() == list(range(352))
+
+
+def test_a_bf16_and_an_fp32_copy_of_a_model_pick_the_same_rows_even_at_near_ties() -> None:
+    fp32, _ = build_tiny_llama()
+    up = fp32.model.layers[0].mlp.up_proj.weight  # (352, 128)
+    with torch.no_grad():
+        up.fill_(0.01)
+        up[10] = 1.0
+        up[20] = 1.0 + 2**-20  # larger in fp32, equal to row 10 once rounded to bf16
+    bf16 = build_tiny_llama()[0]
+    bf16.load_state_dict(fp32.state_dict())
+    bf16.to(torch.bfloat16)
+    one = spf_cfg(ffn=1 / 352)  # keep a single neuron
+    name = "model.layers.0.mlp.up_proj"
+    assert select_rows(fp32, one)[name].tolist() == select_rows(bf16, one)[name].tolist() == [10]
+    picked_fp32, picked_bf16 = select_rows(fp32, spf_cfg()), select_rows(bf16, spf_cfg())
+    assert all(torch.equal(picked_fp32[n], picked_bf16[n]) for n in picked_fp32)
 
 
 def test_gpt2_fused_qkv_ranks_q_k_and_v_heads_separately() -> None:
@@ -77,13 +99,13 @@ def test_gpt2_fused_qkv_ranks_q_k_and_v_heads_separately() -> None:
         f"transformer.h.{i}.{m}" for i in (0, 1) for m in ("attn.c_attn", "mlp.c_fc")
     )
     for i, block in enumerate(model.transformer.h):
-        out_rows = block.attn.c_attn.weight.detach().t()  # Conv1D keeps (in, out)
+        out_rows = as_ranked(block.attn.c_attn.weight).t()  # Conv1D keeps (in, out)
         want = []
         for part in range(3):  # Q, K, V: 2 of 4 heads each
             norms = out_rows[part * 64 : (part + 1) * 64].abs().reshape(4, 16, -1).sum(dim=(1, 2))
             want += head_rows(top(norms, 2), 16, offset=part * 64)
         assert rows[f"transformer.h.{i}.attn.c_attn"].tolist() == sorted(want)
-        fc = block.mlp.c_fc.weight.detach().t()  # (256, 64)
+        fc = as_ranked(block.mlp.c_fc.weight).t()  # (256, 64)
         assert rows[f"transformer.h.{i}.mlp.c_fc"].tolist() == sorted(top(fc.abs().sum(1), 128))
 
 

@@ -142,8 +142,11 @@ def weight_rows(layer: nn.Module) -> torch.Tensor:
 def _rank(weight: torch.Tensor, block: Block) -> torch.Tensor:
     """Sorted output rows of the top-L1 units of one block."""
     rows = weight[block.offset : block.offset + block.units * block.size]
-    # Float64 on the CPU: every silo must get the same ranking from the same weights.
-    norms = rows.detach().to("cpu", torch.float64).abs().reshape(block.units, -1).sum(dim=1)
+    # Every silo must pick the same rows without talking. Rank the weights rounded to bfloat16
+    # (a silo that loaded the model in bf16 holds exactly those values, one in fp32 rounds to
+    # them here) and sum in float64 on the CPU, in one fixed order.
+    exact = rows.detach().to("cpu").to(torch.bfloat16).to(torch.float64)
+    norms = exact.abs().reshape(block.units, -1).sum(dim=1)
     order = torch.argsort(-norms, stable=True)  # ties go to the lower unit index
     units = order[: kept_units(block.ratio, block.units)]
     starts = block.offset + units * block.size
