@@ -13,6 +13,7 @@ from silotune.adapters.peft_adapters import load_adapter, read_adapter_dir
 from silotune.cli import app
 from silotune.config import load_config
 from silotune.enclave.adapter_runner import compare_with_plain
+from silotune.enclave.base import EnclaveError
 from silotune.models.loading import load_model
 from silotune.train.dispatch import run_job
 
@@ -68,3 +69,14 @@ def test_compare_with_plain_measures_through_the_enclave_process() -> None:
     assert result["enclave"] == "simulated" and result["steps"] == 2
     assert result["max_abs_diff"] <= 1e-5
     assert len(result["enclave_step_times"]) == 2 and result["enclave_step_s"] > 0
+
+
+@pytest.mark.slow
+def test_a_bad_data_set_fails_in_the_enclave_start_and_keeps_the_old_run(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    cfg = load_config(RECIPE, [*SMALL, f"output_dir={out}", f"data.dataset={tmp_path}/none"])
+    with pytest.raises(EnclaveError, match="could not start: .*none"):
+        run_job(cfg, overwrite=True, progress=False)
+    assert (out / "summary.json").read_text() == "{}"

@@ -163,12 +163,13 @@ def train_in_enclave(
             "optimizer state never leave the enclave, so there is no checkpoint to resume from"
         )
     check_output_dir(cfg, resume=False, overwrite=overwrite)
-    ree = load_ree_model(cfg)  # a bad model fails here, before an old run is replaced
+    ree = load_ree_model(cfg)
     server = FrozenLinearServer.from_model(ree.model)
-    reset_output_dir(cfg)
     t = cfg.train
-    metrics = MetricsLog(cfg.output_dir / METRICS_FILE)
     with open_adapter_enclave(cfg) as enclave:
+        # A bad model or data set fails above, in the enclave's start, before an old run goes.
+        reset_output_dir(cfg)
+        metrics = MetricsLog(cfg.output_dir / METRICS_FILE)
         clock = time.perf_counter()
         with progress_bar(progress) as bar:
             task_id = bar.add_task("train (enclave)", total=t.max_steps, note="loss -")
