@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import Context, Message
 from safetensors.numpy import load_file
 
 from silotune.adapters.peft_adapters import save_adapter
@@ -15,7 +16,7 @@ from silotune.crypto import ckks
 from silotune.crypto.fixedpoint import FixedPointCodec
 from silotune.eval.runner import evaluate_job
 from silotune.federated import silo
-from silotune.federated.vectors import flatten, load_flat
+from silotune.federated.vectors import FederationError, flatten, load_flat
 from silotune.models.presets import build_tiny_llama
 from silotune.train.trainer import build_job
 from tests.federated.harness import run_in_process
@@ -87,6 +88,26 @@ def test_federated_spf_trains_and_its_adapter_evaluates(plain) -> None:
     assert (cfg.output_dir / "checkpoints" / "step-00000002" / SPF_FILE).is_file()
     scores = evaluate_job(cfg, cfg.output_dir / "adapter", "test", progress=False)
     assert scores == pytest.approx(summary["test"])
+
+
+def test_restarted_coordinator_resumes_lora_and_spf_from_the_last_round(plain) -> None:
+    full, _ = plain
+    crash = make_cfg(full.output_dir.parent, "crash", rounds=2)
+
+    def crash_in_round_2(message: Message, context: Context, call_next):
+        if message.metadata.group_id == "2":
+            raise ConnectionError("coordinator network down")
+        return call_next(message, context)
+
+    with pytest.raises(FederationError, match="round 2 failed"):
+        run_in_process(crash, mods=[crash_in_round_2])
+    assert (crash.output_dir / "checkpoints" / "step-00000001" / SPF_FILE).is_file()
+    run_in_process(crash, resume=True)
+    got, want = (
+        read_adapter(crash.output_dir / "adapter"),
+        read_adapter(full.output_dir / "adapter"),
+    )
+    assert np.abs(got - want).max() < 1e-6
 
 
 @pytest.mark.parametrize("mode", ["none", "masking", "ckks"])
