@@ -182,6 +182,8 @@ def select_rows(model: nn.Module, cfg: SPFConfig) -> dict[str, torch.Tensor]:
 class SPFDelta(nn.Module):
     """Trainable values of the chosen rows of one frozen projection, added by a forward hook."""
 
+    rows: torch.Tensor  # (k,) sorted output rows, a non-persistent buffer
+
     def __init__(
         self, rows: torch.Tensor, in_features: int, device: torch.device, lr: float | None = None
     ) -> None:
