@@ -239,6 +239,10 @@ def test_bad_spf_files_are_one_clear_checkpoint_error(trained, tmp_path: Path) -
     save_file(tensors, folder / SPF_FILE, metadata={"format": "silotune-spf", "version": "1"})
     with pytest.raises(CheckpointError, match="do not fit model.layers.0.mlp.up_proj"):
         load_adapter(build_tiny_llama()[0], folder)
+    tensors[f"{name}.rows"] = tensors[f"{name}.rows"].flip(0) - 200  # unsorted, negative
+    save_file(tensors, folder / SPF_FILE, metadata={"format": "silotune-spf", "version": "1"})
+    with pytest.raises(CheckpointError, match="not sorted, distinct, non-negative"):
+        load_adapter(build_tiny_llama()[0], folder)
     (folder / SPF_FILE).write_bytes(b"not safetensors")
     with pytest.raises(CheckpointError, match="corrupt or not safetensors"):
         load_adapter(build_tiny_llama()[0], folder)

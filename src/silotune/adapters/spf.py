@@ -317,8 +317,10 @@ def read_spf(path: Path) -> SPFFile:
                 f"{path}: {name} has rows {tuple(r.shape)} for values "
                 f"{tuple(v.shape)}; want (k,) int64 and (k, in)"
             )
-        if r.numel() == 0 or (r.numel() > 1 and not bool((r.diff() > 0).all())):
-            raise CheckpointError(f"{path}: the rows of {name} are not sorted and distinct")
+        if r.numel() == 0 or int(r[0]) < 0 or (r.numel() > 1 and not bool((r.diff() > 0).all())):
+            raise CheckpointError(
+                f"{path}: the rows of {name} are not sorted, distinct, non-negative indices"
+            )
         rows[name], values[name] = r, v
     try:
         ratios = json.loads(meta.get("ratios", "{}"))
