@@ -78,8 +78,9 @@ def test_the_ree_sees_only_fresh_masked_tensors(local: tuple[JobConfig, LocalEnc
             assert tensor.shape == truth.shape
             assert not bool((tensor == truth.double()).any()), (method, name)  # none in clear
             assert float((tensor - truth).abs().mean()) > 100 * float(truth.abs().max())
-    # One mask per distinct tensor, each from keystream no other mask touched.
-    assert len(blocks) == info["masks"]
+    # One mask per distinct tensor and one check vector per ocall, each from keystream that
+    # nothing else touched.
+    assert len(blocks) == info["masks"] + info["ocalls"]
     used = [b for r in blocks for b in r]
     assert len(used) == len(set(used))
 

@@ -12,6 +12,7 @@ from silotune.enclave.masked_linear import (
     FrozenLinearServer,
     LinearOffload,
     OutsourcedLinear,
+    TamperedResultError,
     from_wire,
     outsource_linears,
     to_wire,
@@ -112,7 +113,7 @@ def test_every_mask_comes_from_unused_keystream() -> None:
         x = torch.randn(2, 16, requires_grad=True)
         enclave(x).sum().backward()
         offload.forget()
-    assert len(drawn) == 15
+    assert len(drawn) == 3 * (5 + 6)  # per pass: 5 masks and one check vector per ocall
     blocks = [b for start, end in drawn for b in range(start, end)]
     assert len(blocks) == len(set(blocks))  # no keystream block ever served two masks
 
@@ -150,3 +151,34 @@ def test_outsourced_layers_keep_the_weights_and_names() -> None:
     assert isinstance(enclave.a, OutsourcedLinear)
     assert enclave.state_dict().keys() == plain.state_dict().keys()
     assert not any(p.requires_grad for p in enclave.parameters())
+
+
+@pytest.mark.parametrize("method", ["linear", "linear_t"])
+def test_a_tampered_product_is_caught(method: str) -> None:
+    _, enclave, recorder, offload = _pair(1e4)
+
+    def cheat(name: str, meta: dict[str, Any], tensors: Tensors) -> tuple[dict, Tensors]:
+        out_meta, out = recorder(name, meta, tensors)
+        if name != method or meta["name"] != "c":
+            return out_meta, out
+        y = from_wire(out["y"]).clone()
+        # A change of 1e-4 of the row's true scale, hidden under a mask 1e4 times larger.
+        y[0, 0] += 1e-4 * float(y.abs().max()) / 1e4
+        return out_meta, {"y": to_wire(y)}
+
+    offload.ocall = cheat
+    x = torch.randn(4, 16, requires_grad=True)
+    with pytest.raises(TamperedResultError, match=f"answer to {method} of c .*Freivalds"):
+        enclave(x).sum().backward()
+
+
+def test_a_wrongly_shaped_answer_is_caught() -> None:
+    _, enclave, recorder, offload = _pair(1.0)
+
+    def short(name: str, meta: dict[str, Any], tensors: Tensors) -> tuple[dict, Tensors]:
+        out_meta, out = recorder(name, meta, tensors)
+        return out_meta, {"y": out["y"][:-1]}
+
+    offload.ocall = short
+    with pytest.raises(TamperedResultError, match=r"has shape \(3, 24\), not \(4, 24\)"):
+        enclave(torch.randn(4, 16))

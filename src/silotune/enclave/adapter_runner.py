@@ -242,12 +242,12 @@ def compare_with_plain(
     -------
     dict
         ``plain_step_s`` and ``enclave_step_s`` (median wall seconds per optimizer step, the
-        enclave's including the process boundary, the masks and the unblinding factors),
-        ``max_abs_diff`` (largest difference between the two trained adapters' tensors),
-        ``rel_diff`` (Frobenius norm of the difference over that of the plain adapter),
-        ``elements_over_1e-5`` of ``elements``, ``max_loss_diff``, the per-step losses and
-        times, and the enclave's cost breakdown (``unblind_s``, ``mask_s``, ``ocall_s`` per
-        step: medians). AdamW divides by ``sqrt(v) + 1e-8``, so a gradient element near 1e-9,
+        enclave's including the process boundary, the masks, the unblinding factors and the
+        checks of the REE's answers), ``max_abs_diff`` (largest difference between the two
+        trained adapters' tensors), ``rel_diff`` (Frobenius norm of the difference over that of
+        the plain adapter), ``elements_over_1e-5`` of ``elements``, ``max_loss_diff``, the
+        per-step losses and times, and the enclave's cost breakdown per step (medians:
+        ``unblind_s``, ``mask_s``, ``ocall_s``, ``verify_s``). AdamW divides by ``sqrt(v) + 1e-8``, so a gradient element near 1e-9,
         where two float32 computations legitimately differ, moves by a sizeable fraction of
         the learning rate in one and not the other: ``max_abs_diff`` then measures that, and
         the other fields show how few elements it concerns (docs/adapter-in-tee.md).
@@ -295,6 +295,7 @@ def compare_with_plain(
         "unblind_s": statistics.median(float(i["unblind_s"]) for i in infos),
         "mask_s": statistics.median(float(i["mask_s"]) for i in infos),
         "ocall_s": statistics.median(float(i["ocall_s"]) for i in infos),
+        "verify_s": statistics.median(float(i["verify_s"]) for i in infos),
         "ocalls_per_step": statistics.median(int(i["ocalls"]) for i in infos),
         "bytes_to_ree_per_step": statistics.median(int(i["bytes_sent"]) for i in infos),
         "mask_std": enclave_cfg.enclave.mask_std,

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from silotune.enclave.masked_stream import MaskStream
+from silotune.errors import SilotuneError
 
 __all__ = [
     "FrozenLinearServer",
@@ -38,6 +39,7 @@ __all__ = [
     "OffloadStats",
     "Ocall",
     "OutsourcedLinear",
+    "TamperedResultError",
     "from_wire",
     "frozen_linear_weights",
     "outsource_linears",
@@ -52,8 +54,16 @@ Ocall = Callable[[str, dict[str, Any], Tensors], tuple[dict[str, Any], Tensors]]
 # then still leaves far more than float32's 24 bits of it, so the unmasked result equals the
 # float32 one up to float32 rounding, whatever enclave.mask_std is (docs/adapter-in-tee.md).
 WIRE_DTYPE = torch.float64
+# Freivalds' check allowance, relative to |sent row| * |W^T s|: float64 rounding measured at most
+# 7e-16 of it on tiny-llama and 1.9e-15 on SmolLM2-135M (masks of 1e4 x the tensor's peak); a row
+# the REE changes by less than about 1e-6 of the true product's norm may pass, larger is caught.
+FREIVALDS_TOL = 1e-12
 LINEAR = "linear"  # REE computes (x + r) W^T
 LINEAR_T = "linear_t"  # REE computes (g + r) W
+
+
+class TamperedResultError(SilotuneError):
+    """The REE answered an outsourced matmul with something other than the product."""
 
 
 @dataclass
@@ -70,6 +80,7 @@ class OffloadStats:
     mask_s: float = 0.0
     unblind_s: float = 0.0
     ocall_s: float = 0.0
+    verify_s: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -79,6 +90,7 @@ class OffloadStats:
             "mask_s": self.mask_s,
             "unblind_s": self.unblind_s,
             "ocall_s": self.ocall_s,
+            "verify_s": self.verify_s,
         }
 
 
@@ -147,13 +159,47 @@ class LinearOffload:
         self.stats.bytes_sent += masked.numel() * masked.element_size()
         out = answer.get("y")
         if out is None or out.dtype != torch.int64:
-            raise RuntimeError(f"the REE's answer to {method} of {name} holds no int64 tensor 'y'")
+            raise TamperedResultError(
+                f"the REE's answer to {method} of {name} holds no int64 tensor 'y'"
+            )
         return from_wire(out).to(masked.device)
+
+    def _verify(
+        self, layer: OutsourcedLinear, method: str, sent: torch.Tensor, answer: torch.Tensor
+    ) -> None:
+        """Freivalds' check that ``answer`` is the product the REE was asked for, or raise.
+
+        With a fresh secret Gaussian vector ``s`` (from the mask stream), a true answer satisfies
+        ``answer s = sent (W^T s)`` (``linear``) or ``answer s = sent (W s)`` (``linear_t``), at a
+        cost of two matrix-vector products instead of a matmul. A row changed by ``d`` passes only
+        if ``|d . s|`` falls under the float64 rounding allowance, which for a random ``s`` the REE
+        cannot arrange.
+        """
+        start = time.perf_counter()
+        weight = self._weight64(layer)
+        out_dim = weight.shape[0] if method == LINEAR else weight.shape[1]
+        if answer.shape != (*sent.shape[:-1], out_dim):
+            raise TamperedResultError(
+                f"the REE's answer to {method} of {layer.ree_name} has shape "
+                f"{tuple(answer.shape)}, not {(*sent.shape[:-1], out_dim)}"
+            )
+        if bool(torch.isfinite(sent).all()):  # (a diverged run fails on its loss instead)
+            s = self.masks.gaussian((out_dim,)).z.to(sent.device)
+            u = s @ weight if method == LINEAR else weight @ s  # W^T s, or W s
+            gap = (answer @ s - sent @ u).abs()
+            allowed = FREIVALDS_TOL * sent.norm(dim=-1) * u.norm()
+            if not bool((gap <= allowed).all()):
+                raise TamperedResultError(
+                    f"the REE's answer to {method} of {layer.ree_name} is not the product it was "
+                    "asked for (Freivalds' check failed); the run stops rather than use it"
+                )
+        self.stats.verify_s += time.perf_counter() - start
 
     def forward(self, layer: OutsourcedLinear, x: torch.Tensor) -> torch.Tensor:
         """``x W^T + b`` computed by the REE on ``x + r``; ``r`` removed here."""
         scale, z, masked = self._mask(x, reuse=True)
         y_masked = self._call(LINEAR, layer.ree_name, "x", masked)
+        self._verify(layer, LINEAR, masked, y_masked)
         start = time.perf_counter()
         unblind = scale * nn.functional.linear(z, self._weight64(layer))
         self.stats.unblind_s += time.perf_counter() - start
@@ -164,6 +210,7 @@ class LinearOffload:
         """``g W`` computed by the REE on ``g + r``; ``r`` removed here."""
         scale, z, masked = self._mask(g, reuse=False)
         gx_masked = self._call(LINEAR_T, layer.ree_name, "g", masked)
+        self._verify(layer, LINEAR_T, masked, gx_masked)
         start = time.perf_counter()
         unblind = scale * (z @ self._weight64(layer))
         self.stats.unblind_s += time.perf_counter() - start
