@@ -182,3 +182,37 @@ def test_a_wrongly_shaped_answer_is_caught() -> None:
     offload.ocall = short
     with pytest.raises(TamperedResultError, match=r"has shape \(3, 24\), not \(4, 24\)"):
         enclave(torch.randn(4, 16))
+
+
+def test_layers_sharing_an_input_are_answered_in_one_ocall_from_the_second_pass() -> None:
+    plain, enclave, recorder, offload = _pair(1e4)
+    calls: list[dict[str, Any]] = []
+
+    def ree(method: str, meta: dict[str, Any], tensors: Tensors) -> tuple[dict, Tensors]:
+        calls.append({"method": method, **meta})
+        return recorder(method, meta, tensors)
+
+    offload.ocall = ree
+    for rounds in range(3):
+        calls.clear()
+        x = torch.randn(4, 16)
+        torch.testing.assert_close(enclave(x), plain(x), rtol=1e-5, atol=1e-6)
+        offload.forget()
+        first = [{"method": "linear", "name": "a"}, {"method": "linear", "name": "b"}]
+        batched = [{"method": "linear", "name": "a", "also": ["b"]}]
+        assert calls == (first if rounds == 0 else batched) + [{"method": "linear", "name": "c"}]
+
+
+def test_the_ree_refuses_a_bad_also() -> None:
+    server = FrozenLinearServer(
+        {"w": torch.zeros(3, 4, dtype=torch.float64), "v": torch.zeros(5, 2, dtype=torch.float64)}
+    )
+    x = to_wire(torch.ones(2, 4, dtype=torch.float64))
+    _, out = server("linear", {"name": "w", "also": ["w"]}, {"x": x})
+    assert set(out) == {"y", "y1"}
+    with pytest.raises(ValueError, match="for linear only"):
+        server("linear_t", {"name": "w", "also": ["w"]}, {"g": to_wire(torch.ones(2, 3).double())})
+    with pytest.raises(ValueError, match="names no frozen linear"):
+        server("linear", {"name": "w", "also": ["u"]}, {"x": x})
+    with pytest.raises(ValueError, match="ocall linear of v: last dimension 4, weight needs 2"):
+        server("linear", {"name": "w", "also": ["v"]}, {"x": x})

@@ -96,13 +96,19 @@ class OffloadStats:
 
 @dataclass
 class _Masked:
-    """The last masked input, kept so that the next linear on the same tensor reuses it."""
+    """The last masked forward input, kept so that the next linears on the same tensor reuse it.
+
+    ``prefetched`` holds the REE's (checked) answers for the layers that read the same tensor
+    after ``leader``, asked for in the leader's ocall.
+    """
 
     source: torch.Tensor
     version: int
     scale: float
     z: torch.Tensor
     masked: torch.Tensor
+    leader: str
+    prefetched: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -123,6 +129,10 @@ class LinearOffload:
     stats: OffloadStats = field(default_factory=OffloadStats)
     _last: _Masked | None = None
     _weights64: dict[str, torch.Tensor] = field(default_factory=dict)
+    _layers: dict[str, OutsourcedLinear] = field(default_factory=dict)
+    # Layers seen reading the same tensor right after a leader (q -> k, v; gate -> up): learned
+    # from the first pass, then asked for in the leader's ocall, one round trip instead of three.
+    _followers: dict[str, list[str]] = field(default_factory=dict)
 
     def take_stats(self) -> OffloadStats:
         """Return the counters gathered so far and start new ones."""
@@ -133,11 +143,12 @@ class LinearOffload:
         """Drop the cached masked input (call at the end of every enclave call)."""
         self._last = None
 
-    def _mask(self, x: torch.Tensor, reuse: bool) -> tuple[float, torch.Tensor, torch.Tensor]:
-        """(scale, z, x + scale * z); the previous mask only if ``x`` is the very same tensor."""
-        last = self._last
-        if reuse and last is not None and last.source is x and last.version == x._version:
-            return last.scale, last.z, last.masked
+    def register(self, layer: OutsourcedLinear) -> None:
+        """Know ``layer`` by its REE name (its answers may arrive in another layer's ocall)."""
+        self._layers[layer.ree_name] = layer
+
+    def _mask(self, x: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """(scale, z, x + scale * z) with a fresh mask."""
         start = time.perf_counter()
         peak = float(x.detach().abs().max()) if x.numel() else 0.0
         # A zero tensor still gets a full-size mask: the REE must not see which tensors are zero.
@@ -146,23 +157,29 @@ class LinearOffload:
         masked = x.detach().to(WIRE_DTYPE) + scale * z
         self.stats.masks += 1
         self.stats.mask_s += time.perf_counter() - start
-        self._last = _Masked(x, x._version, scale, z, masked) if reuse else None
         return scale, z, masked
 
-    def _call(self, method: str, name: str, key: str, masked: torch.Tensor) -> torch.Tensor:
+    def _call(
+        self, method: str, name: str, key: str, masked: torch.Tensor, also: list[str] | None = None
+    ) -> list[torch.Tensor]:
+        """Ocall ``method`` of layer ``name`` (and, for ``linear``, of ``also`` on the same input)."""
         if self.ocall is None:
             raise RuntimeError("an outsourced linear ran outside an enclave call (no ocall set)")
         start = time.perf_counter()
-        _, answer = self.ocall(method, {"name": name}, {key: to_wire(masked)})
+        meta: dict[str, Any] = {"name": name, "also": also} if also else {"name": name}
+        _, answer = self.ocall(method, meta, {key: to_wire(masked)})
         self.stats.ocall_s += time.perf_counter() - start
         self.stats.ocalls += 1
         self.stats.bytes_sent += masked.numel() * masked.element_size()
-        out = answer.get("y")
-        if out is None or out.dtype != torch.int64:
-            raise TamperedResultError(
-                f"the REE's answer to {method} of {name} holds no int64 tensor 'y'"
-            )
-        return from_wire(out).to(masked.device)
+        outs = []
+        for i, layer_name in enumerate([name, *(also or [])]):
+            out = answer.get(f"y{i}" if i else "y")
+            if out is None or out.dtype != torch.int64:
+                raise TamperedResultError(
+                    f"the REE's answer to {method} of {layer_name} holds no int64 tensor"
+                )
+            outs.append(from_wire(out).to(masked.device))
+        return outs
 
     def _verify(
         self, layer: OutsourcedLinear, method: str, sent: torch.Tensor, answer: torch.Tensor
@@ -197,9 +214,26 @@ class LinearOffload:
 
     def forward(self, layer: OutsourcedLinear, x: torch.Tensor) -> torch.Tensor:
         """``x W^T + b`` computed by the REE on ``x + r``; ``r`` removed here."""
-        scale, z, masked = self._mask(x, reuse=True)
-        y_masked = self._call(LINEAR, layer.ree_name, "x", masked)
-        self._verify(layer, LINEAR, masked, y_masked)
+        name, last = layer.ree_name, self._last
+        if last is not None and last.source is x and last.version == x._version:
+            # The same tensor as the previous layer's: same mask, never a second masking.
+            scale, z, masked = last.scale, last.z, last.masked
+            y_masked = last.prefetched.pop(name, None)
+            if y_masked is None:
+                followers = self._followers.setdefault(last.leader, [])
+                if name not in followers:
+                    followers.append(name)
+                y_masked = self._call(LINEAR, name, "x", masked)[0]
+                self._verify(layer, LINEAR, masked, y_masked)
+        else:
+            scale, z, masked = self._mask(x)
+            also = self._followers.get(name, [])
+            answers = self._call(LINEAR, name, "x", masked, also)
+            for layer_name, answer in zip([name, *also], answers, strict=True):
+                self._verify(self._layers[layer_name], LINEAR, masked, answer)
+            y_masked = answers[0]
+            prefetched = dict(zip(also, answers[1:], strict=True))
+            self._last = _Masked(x, x._version, scale, z, masked, name, prefetched)
         start = time.perf_counter()
         unblind = scale * nn.functional.linear(z, self._weight64(layer))
         self.stats.unblind_s += time.perf_counter() - start
@@ -208,8 +242,9 @@ class LinearOffload:
 
     def backward(self, layer: OutsourcedLinear, g: torch.Tensor) -> torch.Tensor:
         """``g W`` computed by the REE on ``g + r``; ``r`` removed here."""
-        scale, z, masked = self._mask(g, reuse=False)
-        gx_masked = self._call(LINEAR_T, layer.ree_name, "g", masked)
+        self._last = None
+        scale, z, masked = self._mask(g)
+        gx_masked = self._call(LINEAR_T, layer.ree_name, "g", masked)[0]
         self._verify(layer, LINEAR_T, masked, gx_masked)
         start = time.perf_counter()
         unblind = scale * (z @ self._weight64(layer))
@@ -267,6 +302,7 @@ class OutsourcedLinear(nn.Linear):
             self.bias.requires_grad_(False)
         self.ree_name = ree_name
         self.offload = offload
+        offload.register(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = _OutsourcedLinearFn.apply(x, self)  # type: ignore[no-untyped-call]
@@ -323,23 +359,33 @@ class FrozenLinearServer:
         if method not in (LINEAR, LINEAR_T):
             raise ValueError(f"unknown ocall '{method}' (allowed: {LINEAR}, {LINEAR_T})")
         name = meta.get("name")
-        weight = self.weights.get(name) if isinstance(name, str) else None
-        if weight is None:
-            raise ValueError(f"ocall {method} names no frozen linear: {name!r}")
+        also = meta.get("also", [])
+        if not isinstance(also, list) or (also and method != LINEAR):
+            raise ValueError(f"ocall {method}: 'also' must be a list of names, for linear only")
+        names = [name, *also]
+        found = [self.weights.get(n) for n in names if isinstance(n, str)]
+        weights = [w for w in found if w is not None]
+        if len(weights) != len(names):
+            raise ValueError(f"ocall {method} names no frozen linear: {names!r}")
+        weight = weights[0]
         key = "x" if method == LINEAR else "g"
         data = tensors.get(key)
         if data is None or data.ndim < 1 or data.dtype != torch.int64:
             raise ValueError(f"ocall {method} of {name} needs a float64 tensor '{key}' (as int64)")
         data = from_wire(data)
-        want = weight.shape[1] if method == LINEAR else weight.shape[0]
-        if data.shape[-1] != want:
-            raise ValueError(
-                f"ocall {method} of {name}: last dimension {data.shape[-1]}, weight needs {want}"
-            )
+        for layer_name, w in zip(names, weights, strict=True):
+            want = w.shape[1] if method == LINEAR else w.shape[0]
+            if data.shape[-1] != want:
+                raise ValueError(
+                    f"ocall {method} of {layer_name}: last dimension {data.shape[-1]}, "
+                    f"weight needs {want}"
+                )
         start = time.perf_counter()
         data = data.to(weight.device, weight.dtype)
+        answer: Tensors = {}
         with torch.no_grad():
-            out = nn.functional.linear(data, weight) if method == LINEAR else data @ weight
-        out = out.cpu()
+            for i, w in enumerate(weights):
+                out = nn.functional.linear(data, w) if method == LINEAR else data @ w
+                answer[f"y{i}" if i else "y"] = to_wire(out.cpu())
         self.compute_s += time.perf_counter() - start
-        return {}, {"y": to_wire(out)}
+        return {}, answer
