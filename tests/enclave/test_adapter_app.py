@@ -136,7 +136,9 @@ def test_other_modes_are_refused(make_job: Callable[..., JobConfig], mode: str) 
 
 
 def test_resume_is_refused(make_job: Callable[..., JobConfig]) -> None:
-    with pytest.raises(ConfigError, match="--resume is not supported"):
+    with pytest.raises(
+        ConfigError, match="--resume with adapter.placement enclave needs enclave.platform_key"
+    ):
         run_job(make_job("adapter.placement=enclave"), resume=True, progress=False)
 
 

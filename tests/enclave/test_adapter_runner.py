@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ from silotune.cli import app
 from silotune.config import load_config
 from silotune.enclave.adapter_runner import compare_with_plain
 from silotune.enclave.base import EnclaveError
+from silotune.enclave.platform import write_platform_key
+from silotune.errors import CheckpointError
 from silotune.models.loading import load_model
 from silotune.train.dispatch import run_job
 
@@ -82,3 +85,29 @@ def test_a_bad_data_set_fails_in_the_enclave_start_and_keeps_the_old_run(tmp_pat
     with pytest.raises(EnclaveError, match="could not start: .*none"):
         run_job(cfg, overwrite=True, progress=False)
     assert (out / "summary.json").read_text() == "{}"
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_sealed_enclave_state(tmp_path: Path) -> None:
+    private, _ = write_platform_key(tmp_path / "platform")
+    out = tmp_path / "run"
+    steps = ["train.max_steps=4", "train.eval_every=2", f"enclave.platform_key={private}"]
+    cfg = load_config(RECIPE, [*SMALL, *steps, f"output_dir={out}"])
+    run_job(cfg, progress=False)
+    _, straight = read_adapter_dir(out / "adapter")
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    assert [c.name for c in checkpoints] == ["step-00000002", "step-00000004"]
+    shutil.rmtree(checkpoints[-1])  # as if the run had stopped after step 2
+    sealed = checkpoints[0] / "enclave_state.sealed"
+    good = sealed.read_bytes()
+
+    sealed.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # the REE tampers with the state
+    with pytest.raises(CheckpointError, match="does not open in this enclave"):
+        run_job(cfg, resume=True, progress=False)
+
+    sealed.write_bytes(good)
+    run_job(cfg, resume=True, progress=False)
+    _, resumed = read_adapter_dir(out / "adapter")
+    assert max(float((resumed[k] - straight[k]).abs().max()) for k in straight) <= 1e-5
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]

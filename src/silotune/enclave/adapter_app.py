@@ -14,6 +14,10 @@ enclave recompute a batch and hand it several independently masked copies to ave
 * ``evaluate`` ``{"split": "validation" | "test"}``: validation at the steps the schedule names
   (every ``train.eval_every`` and the last), test once after the last step. Returns the scores.
 * ``release``: after the last step only, the trained adapter's tensors (PEFT names).
+* ``checkpoint``: the whole training state (adapter, AdamW, schedule, RNG, step) sealed to this
+  measurement on this platform (:mod:`silotune.enclave.adapter_state`); the host stores the blob.
+* ``restore`` ``{"length": n}`` + ``blob``: before the first step only, continue from a sealed
+  state. It opens only in an enclave with the same code and configuration on the same platform.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ from silotune.adapters.peft_adapters import adapter_state, attach_adapter
 from silotune.config import JobConfig, config_from_dict
 from silotune.data.registry import load_splits
 from silotune.data.tasks import make_task
+from silotune.enclave.adapter_state import STATE_LABEL, pack_state, unpack_state
 from silotune.enclave.base import EnclaveError, OcallHandler, Tensors
+from silotune.enclave.ipc import bytes_to_tensor, tensor_to_bytes
 from silotune.enclave.masked_linear import LinearOffload, outsource_linears
 from silotune.enclave.masked_stream import MaskStream
 from silotune.errors import ConfigError, ModelError
@@ -156,6 +162,7 @@ class AdapterEnclaveApp:
             torch.manual_seed(cfg.train.seed)
             self._rng = torch.get_rng_state()
         self.step = 0
+        self._restored = False
         self._evaluated: set[tuple[str, int]] = set()
 
     def handle(
@@ -171,8 +178,13 @@ class AdapterEnclaveApp:
                     return self._evaluate(meta), {}
                 if method == "release":
                     return self._release()
+                if method == "checkpoint":
+                    return self._checkpoint()
+                if method == "restore":
+                    return self._restore(meta, tensors), {}
                 raise EnclaveError(
-                    f"the adapter app has no method {method!r} (train_step, evaluate, release)"
+                    f"the adapter app has no method {method!r} (train_step, evaluate, release, "
+                    "checkpoint, restore)"
                 )
             finally:
                 self.offload.ocall = None
@@ -233,6 +245,24 @@ class AdapterEnclaveApp:
         scores = evaluate(self.model, self.task, examples, t.eval_batch_size, self.device)
         cost = self.offload.take_stats().as_dict()
         return {"scores": scores, "cost": cost}
+
+    def _checkpoint(self) -> tuple[dict[str, Any], Tensors]:
+        if self.runtime is None:
+            raise EnclaveError("sealing the training state needs an enclave runtime")
+        state = pack_state(self.step, self.model, self.optimizer, self.scheduler, self._rng)
+        blob = self.runtime.seal(state, STATE_LABEL)
+        return {"step": self.step, "length": len(blob)}, {"blob": bytes_to_tensor(blob)}
+
+    def _restore(self, meta: dict[str, Any], tensors: Tensors) -> dict[str, Any]:
+        if self.runtime is None:
+            raise EnclaveError("unsealing a training state needs an enclave runtime")
+        if self.step != 0 or self._restored:
+            raise EnclaveError("a sealed state is restored once, before the first step")
+        blob = tensor_to_bytes(tensors["blob"], int(meta["length"]))
+        state = self.runtime.unseal(blob, STATE_LABEL)
+        self.step, self._rng = unpack_state(state, self.model, self.optimizer, self.scheduler)
+        self._restored = True
+        return {"step": self.step}
 
     def _release(self) -> tuple[dict[str, Any], Tensors]:
         if self.step != self.cfg.train.max_steps:

@@ -15,10 +15,13 @@ import json
 import logging
 import math
 import os
+import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -37,14 +40,22 @@ from silotune.enclave.adapter_app import (
     check_enclave_job,
     enclave_app_config,
 )
-from silotune.enclave.base import AttestationPolicy, OcallHandler, Tensors, verify_quote
+from silotune.enclave.base import (
+    AttestationPolicy,
+    EnclaveError,
+    OcallHandler,
+    Tensors,
+    verify_quote,
+)
+from silotune.enclave.ipc import bytes_to_tensor, tensor_to_bytes
 from silotune.enclave.masked_linear import FrozenLinearServer
 from silotune.enclave.measure import measure
 from silotune.enclave.platform import load_platform_key
 from silotune.enclave.simulated import SimulatedEnclave
-from silotune.errors import ConfigError
+from silotune.errors import CheckpointError, ConfigError
 from silotune.models.loading import LoadedModel, load_model
 from silotune.progress import progress_bar
+from silotune.train.checkpoint import CHECKPOINTS, checkpoint_dirs, latest_checkpoint
 from silotune.train.loop import StepOutput, make_optimizer, make_scheduler, train_step
 from silotune.train.trainer import (
     ADAPTER_DIR,
@@ -63,6 +74,7 @@ __all__ = ["APP", "LocalEnclave", "compare_with_plain", "open_adapter_enclave", 
 log = logging.getLogger(__name__)
 
 APP = "adapter"
+SEALED_STATE = "enclave_state.sealed"
 
 
 class EnclaveCalls(Protocol):
@@ -150,30 +162,41 @@ def train_in_enclave(
 ) -> dict[str, Any]:
     """Train with the adapter in a (simulated) enclave; the summary is also in summary.json.
 
+    With ``enclave.platform_key`` set, the enclave's whole training state is sealed at every
+    evaluation (``checkpoints/step-N/enclave_state.sealed``), and ``resume`` continues from the
+    newest one in a new enclave with the same measurement on the same platform.
+
     Raises
     ------
     ConfigError
-        For ``--resume`` (the state never leaves the enclave and is not checkpointed) and for
-        jobs the enclave cannot run (see :func:`~silotune.enclave.adapter_app.check_enclave_job`).
+        For jobs the enclave cannot run (see :func:`~silotune.enclave.adapter_app.
+        check_enclave_job`) and for ``resume`` without ``enclave.platform_key``.
+    CheckpointError
+        If the sealed state does not open in this enclave.
     """
     check_enclave_job(cfg)
-    if resume:
+    if resume and cfg.enclave.platform_key is None:
         raise ConfigError(
-            "--resume is not supported with adapter.placement enclave: the adapter and its "
-            "optimizer state never leave the enclave, so there is no checkpoint to resume from"
+            "--resume with adapter.placement enclave needs enclave.platform_key: the sealed "
+            "training state opens only on the platform that sealed it, and a run without a key "
+            "uses a throwaway one"
         )
-    check_output_dir(cfg, resume=False, overwrite=overwrite)
+    check_output_dir(cfg, resume=resume, overwrite=overwrite)
     ree = load_ree_model(cfg)
     server = FrozenLinearServer.from_model(ree.model)
     t = cfg.train
     with open_adapter_enclave(cfg) as enclave:
         # A bad model or data set fails above, in the enclave's start, before an old run goes.
-        reset_output_dir(cfg)
-        metrics = MetricsLog(cfg.output_dir / METRICS_FILE)
+        start = _restore(cfg, enclave, server) if resume else 0
+        if not resume:
+            reset_output_dir(cfg)
+        metrics = MetricsLog(cfg.output_dir / METRICS_FILE, start if resume else None)
         clock = time.perf_counter()
         with progress_bar(progress) as bar:
-            task_id = bar.add_task("train (enclave)", total=t.max_steps, note="loss -")
-            for step in range(t.max_steps):
+            task_id = bar.add_task(
+                "train (enclave)", total=t.max_steps, completed=start, note="loss -"
+            )
+            for step in range(start, t.max_steps):
                 info, _ = enclave.call("train_step", {"step": step}, {}, server)
                 done = step + 1
                 bar.update(task_id, advance=1, note=f"loss {info['loss']:.4f}")
@@ -183,6 +206,8 @@ def train_in_enclave(
                     scores = _evaluate(enclave, "validation", server)
                     metrics.write({"step": done, "split": "validation", **scores})
                     log.info("step %d validation %s", done, format_scores(scores))
+                    if cfg.enclave.platform_key is not None:
+                        _save_sealed(cfg, enclave, server)
         train_s = time.perf_counter() - clock
         _, released = enclave.call("release", {}, {}, server)
         test = _evaluate(enclave, "test", server)
@@ -204,6 +229,52 @@ def train_in_enclave(
     }
     (cfg.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
+
+
+def _save_sealed(cfg: JobConfig, enclave: EnclaveCalls, server: FrozenLinearServer) -> Path:
+    """Store the enclave's sealed training state as checkpoint ``step-N``, atomically."""
+    info, tensors = enclave.call("checkpoint", {}, {}, server)
+    blob = tensor_to_bytes(tensors["blob"], int(info["length"]))
+    root = cfg.output_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{int(info['step']):08d}"
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        (staging / SEALED_STATE).write_bytes(blob)
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for old in checkpoint_dirs(cfg.output_dir)[: -cfg.train.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _restore(cfg: JobConfig, enclave: EnclaveCalls, server: FrozenLinearServer) -> int:
+    """Hand the newest sealed state to a fresh enclave; returns the step it continues from."""
+    ckpt = latest_checkpoint(cfg.output_dir)
+    path = ckpt / SEALED_STATE if ckpt is not None else None
+    if path is None or not path.is_file():
+        raise CheckpointError(f"--resume: {cfg.output_dir} holds no sealed enclave state")
+    blob = path.read_bytes()
+    try:
+        info, _ = enclave.call(
+            "restore", {"length": len(blob)}, {"blob": bytes_to_tensor(blob)}, server
+        )
+    except EnclaveError as err:
+        raise CheckpointError(
+            f"--resume: the sealed enclave state {path} does not open in this enclave ({err}); "
+            "it needs the same config, the same silotune code and the same enclave.platform_key"
+        ) from None
+    start = int(info["step"])
+    if start > cfg.train.max_steps:
+        raise ConfigError(
+            f"--resume: the checkpoint is at step {start}, past train.max_steps "
+            f"{cfg.train.max_steps}"
+        )
+    log.info("Resuming in the enclave from %s (step %d)", path, start)
+    return start
 
 
 def _record(step: int, info: dict[str, Any], elapsed_s: float) -> dict[str, Any]:
