@@ -16,8 +16,10 @@ magnitude, not the RMS, so that a sparse tensor (a gradient that is zero except 
 positions) has no element that stands out of its mask; docs/adapter-in-tee.md measures the rest.
 
 A tensor fed to several linears in a row (q, k and v share their input; so do gate and up) is
-masked once: the REE receives the identical masked tensor for each, which tells it nothing new,
-whereas fresh masks on the same tensor would hand it several noisy copies to average.
+masked once, whereas fresh masks on the same tensor would hand the REE several noisy copies to
+average; after the first pass the whole group is asked for in one ocall. Every answer passes
+Freivalds' check against a fresh secret vector before it is used, so an REE that answers with
+anything but the product is caught (:class:`TamperedResultError`).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ Ocall = Callable[[str, dict[str, Any], Tensors], tuple[dict[str, Any], Tensors]]
 # then still leaves far more than float32's 24 bits of it, so the unmasked result equals the
 # float32 one up to float32 rounding, whatever enclave.mask_std is (docs/adapter-in-tee.md).
 WIRE_DTYPE = torch.float64
-# Freivalds' check allowance, relative to |sent row| * |W^T s|: float64 rounding measured at most
+# Freivalds' check allowance, relative to |sent row| * |W^T v|: float64 rounding measured at most
 # 7e-16 of it on tiny-llama and 1.9e-15 on SmolLM2-135M (masks of 1e4 x the tensor's peak); a row
 # the REE changes by less than about 1e-6 of the true product's norm may pass, larger is caught.
 FREIVALDS_TOL = 1e-12
@@ -186,10 +188,10 @@ class LinearOffload:
     ) -> None:
         """Freivalds' check that ``answer`` is the product the REE was asked for, or raise.
 
-        With a fresh secret Gaussian vector ``s`` (from the mask stream), a true answer satisfies
-        ``answer s = sent (W^T s)`` (``linear``) or ``answer s = sent (W s)`` (``linear_t``), at a
+        With a fresh secret Gaussian vector ``v`` (from the mask stream), a true answer satisfies
+        ``answer v = sent (W^T v)`` (``linear``) or ``answer v = sent (W v)`` (``linear_t``), at a
         cost of two matrix-vector products instead of a matmul. A row changed by ``d`` passes only
-        if ``|d . s|`` falls under the float64 rounding allowance, which for a random ``s`` the REE
+        if ``|d . v|`` falls under the float64 rounding allowance, which for a random ``v`` the REE
         cannot arrange.
         """
         start = time.perf_counter()
@@ -201,9 +203,9 @@ class LinearOffload:
                 f"{tuple(answer.shape)}, not {(*sent.shape[:-1], out_dim)}"
             )
         if bool(torch.isfinite(sent).all()):  # (a diverged run fails on its loss instead)
-            s = self.masks.gaussian((out_dim,)).z.to(sent.device)
-            u = s @ weight if method == LINEAR else weight @ s  # W^T s, or W s
-            gap = (answer @ s - sent @ u).abs()
+            v = self.masks.gaussian((out_dim,)).z.to(sent.device)
+            u = v @ weight if method == LINEAR else weight @ v  # W^T v, or W v
+            gap = (answer @ v - sent @ u).abs()
             allowed = FREIVALDS_TOL * sent.norm(dim=-1) * u.norm()
             if not bool((gap <= allowed).all()):
                 raise TamperedResultError(
