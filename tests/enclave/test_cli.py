@@ -47,10 +47,10 @@ def test_measure_prints_what_a_silo_computes(run, tmp_path):
     cfg = load_config(path)
     expected = measure("trunk", trunk_app_config(cfg, load_enrollment(cfg.split.keys_dir)))
     assert out.strip() == expected.hex()
-    # Machine-local settings do not change it; the learning rate does.
-    code, same, _ = run("enclave", "measure", str(path), "--set", "split.address=10.0.0.1:1")
-    code, other, _ = run("enclave", "measure", str(path), "--set", "train.lr=0.5")
-    assert same == out and other != out
+    # Machine-local settings and evaluation bookkeeping do not change it; the learning rate does.
+    for setting in ("split.address=10.0.0.1:1", "train.eval_every=7", "output_dir=elsewhere"):
+        assert run("enclave", "measure", str(path), "--set", setting)[1] == out, setting
+    assert run("enclave", "measure", str(path), "--set", "train.lr=0.5")[1] != out
 
 
 def test_measure_without_an_enrollment_is_one_line_error(run, tmp_path):

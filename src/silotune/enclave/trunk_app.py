@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from silotune.enclave.attest import parse_attest_request
-from silotune.enclave.base import EnclaveError, OcallHandler, Tensors
+from silotune.enclave.base import AttestationError, EnclaveError, OcallHandler, Tensors
 from silotune.enclave.ipc import bytes_to_tensor
 from silotune.enclave.runtime import EnclaveRuntime
 from silotune.transport.base import Connection, TransportError
@@ -32,19 +32,24 @@ __all__ = ["SEAL_LABEL", "TrunkEnclaveApp", "trunk_app_config"]
 
 SEAL_LABEL = "trunk_adapter"
 _LOCAL_SPLIT_KEYS = ("address", "keys_dir", "tls_dir", "silo_name")  # differ per machine
+_BOOKKEEPING_TRAIN_KEYS = ("eval_every", "log_every", "eval_batch_size", "keep_checkpoints")
 
 
 def trunk_app_config(cfg: JobConfig, enrollment: Enrollment) -> dict[str, Any]:
     """The trunk enclave's measured configuration for job ``cfg`` and its enrolled silos.
 
     Machine-local settings (data, output and key folders, addresses, the ``enclave`` section)
-    are left out, so the coordinator and every silo compute the same measurement from one recipe.
+    and the silo's bookkeeping (``train.eval_every``, ``log_every``, ``eval_batch_size``,
+    ``keep_checkpoints``) are left out: the trunk does not use them, so a silo that evaluates more
+    often still computes the coordinator's measurement from the same recipe.
     """
     job = cfg.model_dump(mode="json")
     for key in ("data", "output_dir", "federation", "enclave"):
         job.pop(key, None)
     for key in _LOCAL_SPLIT_KEYS:
         job["split"].pop(key, None)
+    for key in _BOOKKEEPING_TRAIN_KEYS:
+        job["train"].pop(key, None)
     members = {name: enrollment.get(name).hex() for name in enrollment.names()}
     return {"job": job, "enrollment": members}
 
@@ -74,8 +79,8 @@ class TrunkEnclaveApp:
         try:
             nonce = parse_attest_request(connection.recv(self.service.timeout))
             connection.send(self.runtime.quote(nonce).to_bytes())
-        except TransportError as exc:
-            self.runtime.log.warning("A silo left before attestation: %s", exc)
+        except (TransportError, AttestationError) as exc:
+            self.runtime.log.warning("Closed a connection before attestation: %s", exc)
             return
         self.service.handle(connection)
 
