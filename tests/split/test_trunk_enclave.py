@@ -238,3 +238,23 @@ def test_train_with_the_trunk_in_the_enclave_matches_train_without(tmp_path):
     assert summary["split"]["enclave"]["backend"] == "simulated"
     assert len(losses[True]) == 3
     assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+
+
+def test_a_dead_trunk_enclave_is_one_clear_error_not_a_hang(keys_dir, platform):
+    cfg = split_cfg(silos=1, trunk_in_enclave=True)
+    _, enrollment = load_coordinator_keys(keys_dir)
+    trunk = EnclaveTrunk.start(cfg, enrollment, platform[0])
+    try:
+        server = InProcessServer(trunk.handle)
+        server.start()
+        connection = server.connect("silo-0")
+        trunk.enclave._process.kill()
+        assert trunk.finished.wait(30)
+        assert "exited" in (trunk.error or "")
+        with pytest.raises(SplitError, match="exited"):
+            runner._final_status(trunk)
+        with pytest.raises(AttestationError, match="did not answer"):
+            attest_trunk(connection, trunk_policy(_silo_cfg(cfg, keys_dir, platform)), 10)
+        server.stop(0.5)
+    finally:
+        trunk.close()
