@@ -30,6 +30,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "split training over gRPC+TLS+AEAD vs centralized (step time, bytes, RSS)",
         "silotune.bench.split",
     ),
+    "enclave": (
+        "simulated enclave: split trunk and adapter-in-TEE cost vs plain; SPF+LoRA vs LoRA accuracy",
+        "silotune.bench.enclave",
+    ),
 }
 
 

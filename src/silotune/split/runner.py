@@ -255,7 +255,14 @@ def build_service(cfg: JobConfig, identity: Any, enrollment: Any) -> TrunkServic
     max_tokens = max_tokens or int(getattr(half.model.config, "n_positions", 4096))
     dtype = None if cfg.split.activation_dtype == "float32" else cfg.split.activation_dtype
     return TrunkService(
-        engine, identity, enrollment, half.hidden_size, max_tokens, cfg.split.silos, dtype
+        engine,
+        identity,
+        enrollment,
+        half.hidden_size,
+        max_tokens,
+        cfg.split.silos,
+        dtype,
+        averaging=cfg.split.secure_averaging,
     )
 
 

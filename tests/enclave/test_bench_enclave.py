@@ -1,0 +1,34 @@
+"""`silotune bench enclave --quick`: the issue's JSON schema, and the adapter-difference target."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+
+from silotune.bench import enclave
+
+
+@pytest.mark.slow
+def test_quick_enclave_benchmark_schema_and_adapter_target() -> None:
+    console = Console(file=io.StringIO(), width=120)
+    result = enclave.run(quick=True, console=console)
+    assert result["bench"] == "enclave" and result["backend"] == "simulated"
+    rows = result["results"]
+    assert list(rows) == [
+        "split_plain",
+        "split_enclave",
+        "adapter_plain",
+        "adapter_enclave",
+        "lora",
+        "spf_lora",
+    ]
+    for name in ("split_plain", "split_enclave", "adapter_plain", "adapter_enclave"):
+        assert rows[name]["step_s"] > 0
+    # tiny-llama: the adapter trained in the enclave equals the plain one within fp32 tolerance
+    assert rows["adapter_enclave"]["max_abs_diff"] <= 1e-5
+    assert rows["adapter_enclave"]["elements_over_1e-5"] == 0
+    for name in ("lora", "spf_lora"):
+        assert 0.0 <= rows[name]["accuracy"] <= 1.0
+    assert "simulated enclave backend" in console.file.getvalue()
