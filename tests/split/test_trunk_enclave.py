@@ -226,10 +226,13 @@ def test_serve_and_join_keep_the_trunk_adapter_only_sealed(keys_dir, tls_dir, pl
 
 
 @pytest.mark.slow
-def test_train_with_the_trunk_in_the_enclave_matches_train_without(tmp_path):
+@pytest.mark.parametrize("adapter", ["lora", "prefix"])
+def test_train_with_the_trunk_in_the_enclave_matches_train_without(tmp_path, adapter):
+    # With a P-tuning v2 prefix the trunk layers' prefix rows live with the trunk: in the enclave.
     losses = {}
     for in_enclave in (False, True):
         cfg = split_cfg(train={"max_steps": 3}, silos=1, trunk_in_enclave=in_enclave)
+        cfg.adapter.type = adapter
         cfg.output_dir = tmp_path / f"enclave-{in_enclave}"
         summary = run_job(cfg, progress=False)
         assert summary["split"]["trunk_steps"] == 3
