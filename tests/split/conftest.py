@@ -111,6 +111,7 @@ def silo_end(cfg: JobConfig, session: FrameSession, examples: int = 100) -> Silo
     half = build_half(cfg, "silo")
     link = TrunkLink(session, cfg.train.grad_accum, cfg.split.activation_dtype, timeout=60)
     model = SplitSilo(half.parts.head, half.parts.tail, link)
+    link.averaging = cfg.split.secure_averaging  # announced at join; the trunk checks it
     link.join(examples)
     optimizer = make_optimizer(model, cfg.train)
     optimizer.register_step_pre_hook(link.commit)

@@ -51,13 +51,16 @@ def peft_config(cfg: AdapterConfig, model: PreTrainedModel) -> PeftConfig:
     """Translate silotune's adapter section into a PEFT config."""
     if cfg.type == "lora":
         # With SPF, LoRA goes by default on the projections SPF does not train.
-        defaults = spf_lora_targets(model) if cfg.spf.enabled else default_targets(model)
+        if cfg.target_modules:
+            targets = cfg.target_modules
+        else:
+            targets = spf_lora_targets(model) if cfg.spf.enabled else default_targets(model)
         return LoraConfig(
             task_type="CAUSAL_LM",
             r=cfg.r,
             lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.dropout,
-            target_modules=cfg.target_modules or defaults,
+            target_modules=targets,
             fan_in_fan_out=model.config.model_type == "gpt2",
         )
     # P-tuning v2 = deep prompt tuning: trainable key/value prefixes in every layer.
