@@ -77,7 +77,14 @@ def train(
     cfg = load_config(config, set_)
     summary = run_job(cfg, resume=resume, overwrite=overwrite, progress=progress)
     _print_scores("test", summary["test"])
-    console.print(f"adapter saved to {summary['adapter']} (PEFT format)")
+    from silotune.adapters.spf import SPF_FILE
+
+    extra = (
+        f" + SPF row deltas in {SPF_FILE}"
+        if (Path(summary["adapter"]) / SPF_FILE).is_file()
+        else ""
+    )
+    console.print(f"adapter saved to {summary['adapter']} (PEFT format{extra})")
 
 
 @app.command("eval")
