@@ -11,7 +11,6 @@ the enclave and reports measured step times and how far apart the two adapters a
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -60,13 +59,13 @@ from silotune.train.loop import StepOutput, make_optimizer, make_scheduler, trai
 from silotune.train.trainer import (
     ADAPTER_DIR,
     METRICS_FILE,
-    SUMMARY_FILE,
     MetricsLog,
     build_job,
     check_output_dir,
     format_scores,
     reset_output_dir,
     train_record,
+    write_summary,
 )
 
 __all__ = ["APP", "LocalEnclave", "compare_with_plain", "open_adapter_enclave", "train_in_enclave"]
@@ -217,18 +216,14 @@ def train_in_enclave(
     set_adapter_state(peft_model, released)
     save_adapter(peft_model, cfg.output_dir / ADAPTER_DIR)
     metrics.write({"step": t.max_steps, "split": "test", **test})
-    summary = {
-        "mode": cfg.mode,
-        "adapter_placement": "enclave",
-        "enclave_backend": "simulated",
-        "enclave_measurement": measurement,
-        "steps": t.max_steps,
-        "train_seconds": train_s,
-        "test": test,
-        "adapter": str(cfg.output_dir / ADAPTER_DIR),
-    }
-    (cfg.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    return summary
+    return write_summary(
+        cfg,
+        train_s,
+        test,
+        adapter_placement="enclave",
+        enclave_backend="simulated",
+        enclave_measurement=measurement,
+    )
 
 
 def _save_sealed(cfg: JobConfig, enclave: EnclaveCalls, server: FrozenLinearServer) -> Path:

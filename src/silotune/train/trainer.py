@@ -260,9 +260,17 @@ def _train(
         hook = progress_hook(bar, "test")
         test = evaluate(job.model, job.task, job.splits.test, t.eval_batch_size, job.device, hook)
     metrics.write({"step": t.max_steps, "split": "test", **test})
+    return write_summary(cfg, train_s, test)
+
+
+def write_summary(
+    cfg: JobConfig, train_s: float, test: dict[str, float], **extra: Any
+) -> dict[str, Any]:
+    """Write and return a finished run's ``summary.json`` (``extra`` keys follow ``mode``)."""
     summary = {
         "mode": cfg.mode,
-        "steps": t.max_steps,
+        **extra,
+        "steps": cfg.train.max_steps,
         "train_seconds": train_s,
         "test": test,
         "adapter": str(cfg.output_dir / ADAPTER_DIR),
