@@ -22,10 +22,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from silotune.config import config_from_dict
+from silotune.bench.federated_paired import divergence, paired_last_round, summarise
+from silotune.config import JobConfig, config_from_dict
 from silotune.train.dispatch import run_job
 
 SILOS = 3
+PARTITIONS = ("iid", "dirichlet")
+SECURE = ("masking", "ckks")
 
 
 def base_job(quick: bool) -> dict[str, Any]:
@@ -67,8 +70,8 @@ def rows(quick: bool) -> list[tuple[str, dict[str, Any]]]:
             },
         )
     ]
-    for partition in ("iid", "dirichlet"):
-        for secagg in ("none", "masking", "ckks"):
+    for partition in PARTITIONS:
+        for secagg in ("none", *SECURE):
             federation = {
                 **fed,
                 "silos": SILOS,
@@ -81,19 +84,27 @@ def rows(quick: bool) -> list[tuple[str, dict[str, Any]]]:
             out.append(
                 (
                     f"federated {partition} {secagg}",
-                    {**base, "mode": "federated", "federation": federation},
+                    {
+                        **base,
+                        "mode": "federated",
+                        "federation": federation,
+                        # every round's global adapter stays for the divergence table
+                        "train": {**base["train"], "keep_checkpoints": fed["rounds"]},
+                    },
                 )
             )
     return out
 
 
 def run(quick: bool, console: Console) -> dict[str, Any]:
-    """Train every row, print the table, return the JSON object."""
+    """Train every row, run the paired checks, print the tables, return the JSON object."""
     results: dict[str, dict[str, float]] = {}
+    configs: dict[str, JobConfig] = {}
     with tempfile.TemporaryDirectory(prefix="silotune-bench-fed-") as tmp:
         for name, job in rows(quick):
             console.log(f"federated bench: {name}")
             cfg = config_from_dict({**job, "output_dir": str(Path(tmp) / name.replace(" ", "-"))})
+            configs[name] = cfg
             clock = time.perf_counter()
             summary = run_job(cfg, progress=False)
             results[name] = {
@@ -101,7 +112,27 @@ def run(quick: bool, console: Console) -> dict[str, Any]:
                 "macro_f1": summary["test"]["macro_f1"],
                 "wall_s": time.perf_counter() - clock,
             }
-    model = base_job(quick)["model"]
+        rounds = configs["federated iid none"].federation.rounds
+        drift, paired = {}, {}
+        for p in PARTITIONS:
+            ref = configs[f"federated {p} none"]
+            others = {m: configs[f"federated {p} {m}"].output_dir for m in SECURE}
+            drift[p] = divergence(ref.output_dir, others, rounds)
+            console.log(f"federated bench: paired last round, {p}")
+            paired[p] = paired_last_round(ref)
+    _print_runs(console, base_job(quick)["model"], results)
+    _print_paired(console, drift, paired)
+    return {
+        "bench": "federated",
+        "model": base_job(quick)["model"],
+        "silos": SILOS,
+        "results": results,
+        "divergence": drift,
+        "paired_last_round": paired,
+    }
+
+
+def _print_runs(console: Console, model: str, results: dict[str, dict[str, float]]) -> None:
     table = Table(title=f"bench federated: {model}, {SILOS} silos vs centralized")
     for col in ("run", "test accuracy", "macro-F1", "wall s"):
         table.add_column(col, justify="left" if col == "run" else "right")
@@ -111,11 +142,35 @@ def run(quick: bool, console: Console) -> dict[str, Any]:
     gaps = {
         f"{p} {m}": 100
         * (results[f"federated {p} {m}"]["accuracy"] - results[f"federated {p} none"]["accuracy"])
-        for p in ("iid", "dirichlet")
-        for m in ("masking", "ckks")
+        for p in PARTITIONS
+        for m in SECURE
     }
     console.print(
-        "accuracy points vs plain aggregation: "
+        "independent runs, accuracy points vs plain aggregation: "
         + ", ".join(f"{k} {v:+.1f}" for k, v in gaps.items())
     )
-    return {"bench": "federated", "model": model, "silos": SILOS, "results": results}
+
+
+def _print_paired(
+    console: Console,
+    drift: dict[str, dict[str, list[dict[str, float]]]],
+    paired: dict[str, dict[str, dict[str, float]]],
+) -> None:
+    table = Table(title="global adapter vs the plain run's, per round (max |diff|, relative L2)")
+    table.add_column("run", justify="left")
+    for r in drift[PARTITIONS[0]][SECURE[0]]:
+        table.add_column(f"round {r['round']}", justify="right")
+    for p in PARTITIONS:
+        for m in SECURE:
+            cells = [f"{r['max_abs']:.1e} / {r['rel_l2']:.1e}" for r in drift[p][m]]
+            table.add_row(f"{p} {m}", *cells)
+    console.print(table)
+    table = Table(title="last round's silo updates aggregated three ways (same updates)")
+    for col in ("partition", "aggregation", "test accuracy", "points vs plain", "max |diff|"):
+        table.add_column(col, justify="left" if col in ("partition", "aggregation") else "right")
+    for p, by_method in paired.items():
+        gaps = summarise(by_method)
+        for m, r in by_method.items():
+            gap = f"{gaps[m]:+.1f}" if m in gaps else ""
+            table.add_row(p, m, f"{r['accuracy']:.3f}", gap, f"{r['max_abs_diff']:.1e}")
+    console.print(table)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -67,11 +67,17 @@ def _plain(xs: list[NDArray[np.float32]], want: NDArray[np.float64]) -> dict[str
 
 
 def masking_round(
-    xs: list[NDArray[np.float32]], drop_before_upload: int | None = None
+    xs: list[NDArray[np.float32]],
+    drop_before_upload: int | None = None,
+    weights: Sequence[float] = WEIGHTS,
+    clip: float = CLIP,
 ) -> tuple[dict[str, float], NDArray[np.float32], int]:
-    """One SecAgg round over the protocol messages; returns (timings, sum, upload bytes)."""
+    """One SecAgg round over the protocol messages; returns (timings, weighted sum, upload bytes).
+
+    Silo ``i`` (1-based) uploads ``weights[i - 1] * xs[i - 1]``; `clip` is the fixed-point range.
+    """
     ids = tuple(range(1, len(xs) + 1))
-    config = masking.SecAggConfig(0, ids, len(ids) // 2 + 1, xs[0].size, CLIP)
+    config = masking.SecAggConfig(0, ids, len(ids) // 2 + 1, xs[0].size, clip)
     server = masking.MaskingServer(config)
     clients = {i: masking.MaskingClient(i) for i in ids}
     transport = {i: sealing.new_transport_key() for i in ids}
@@ -100,7 +106,7 @@ def masking_round(
             s: sealing.open_sealed(transport[i], pks[s], b"bench", 0, b, "bundle")
             for s, b in server.bundles_for(i).items()
         }
-        weighted = (xs[i - 1].astype(np.float64) * WEIGHTS[i - 1]).astype(np.float32)
+        weighted = (xs[i - 1].astype(np.float64) * weights[i - 1]).astype(np.float32)
         return bytes(clients[i].masked_update(opened, weighted))
 
     survivors = [i for i in ids if i != drop_before_upload]

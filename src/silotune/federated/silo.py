@@ -93,6 +93,11 @@ def _job(cfg: JobConfig) -> tuple[str, Job]:
     return key, _JOBS[key]
 
 
+def local_job(cfg: JobConfig) -> Job:
+    """The model, task and data the silos of this config train on (built once per process)."""
+    return _job(cfg)[1]
+
+
 def silo_indices(cfg: JobConfig, job: Job, partition: int) -> list[int]:
     """Indices of the training examples silo `partition` holds (seeded, same in every process)."""
     fed = cfg.federation

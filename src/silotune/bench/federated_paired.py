@@ -1,0 +1,121 @@
+"""Paired measurements for `bench federated`: what secure aggregation itself does to accuracy.
+
+Independent federated runs are a poor instrument for a 1-point accuracy comparison: a fresh local
+AdamW every round turns a difference of a few 1e-9 in the global adapter (the size of masking's
+fixed-point step and of float32 rounding) into differences of 1e-4 in the next round's silo
+updates, and four rounds later into a different model. Two measurements separate the
+aggregation from that amplification:
+
+* ``divergence``: per round, how far the ``masking`` and ``ckks`` runs' global adapters are from
+  the ``none`` run's (same seed, same data, same silos). Round 1 starts from the same adapter, so
+  its difference is the aggregation error alone; later rounds show how training amplifies it.
+* ``paired_last_round``: from the ``none`` run's global adapter after round R-1, recompute every
+  silo's round-R update once, aggregate those same updates plain, with pairwise masking and with
+  HE, apply each aggregate and evaluate each model on the test split. Any accuracy difference
+  here is caused by secure aggregation and nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from safetensors.torch import load_file
+
+from silotune.adapters.peft_adapters import read_adapter_dir, set_adapter_state
+from silotune.bench.secagg import masking_round
+from silotune.config import JobConfig
+from silotune.crypto import ckks
+from silotune.eval.evaluate import evaluate
+from silotune.federated import silo
+from silotune.federated.vectors import flatten, load_flat
+from silotune.train.checkpoint import CHECKPOINTS
+
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def _round_dir(run_dir: Path, round_no: int) -> Path:
+    path = run_dir / CHECKPOINTS / f"step-{round_no:08d}"
+    if not (path / ADAPTER_FILE).is_file():
+        raise FileNotFoundError(
+            f"{path} holds no adapter: the run must keep every round's checkpoint "
+            "(train.keep_checkpoints >= federation.rounds)"
+        )
+    return path
+
+
+def _l2(tensors: list[torch.Tensor]) -> float:
+    return math.sqrt(sum(float((t.double() ** 2).sum()) for t in tensors))
+
+
+def divergence(
+    reference: Path, others: dict[str, Path], rounds: int
+) -> dict[str, list[dict[str, float]]]:
+    """Per round: max |difference| and relative L2 difference of each run's global adapter
+    from the reference run's."""
+    out: dict[str, list[dict[str, float]]] = {name: [] for name in others}
+    for r in range(1, rounds + 1):
+        ref = load_file(str(_round_dir(reference, r) / ADAPTER_FILE))
+        ref_norm = _l2(list(ref.values()))
+        for name, run_dir in others.items():
+            other = load_file(str(_round_dir(run_dir, r) / ADAPTER_FILE))
+            diffs = [(other[k].double() - ref[k].double()) for k in ref]
+            max_abs = max(float(d.abs().max()) for d in diffs)
+            l2 = _l2(diffs)
+            out[name].append({"round": r, "max_abs": max_abs, "rel_l2": l2 / ref_norm})
+    return out
+
+
+def _secure_sums(
+    xs: list[NDArray[np.float32]], weights: list[float], clip: float
+) -> dict[str, NDArray[np.float32]]:
+    """The weighted sum of the same updates: plain (float64), masked, and HE-encrypted."""
+    plain = np.sum([w * x.astype(np.float64) for x, w in zip(xs, weights, strict=True)], axis=0)
+    _, masked, _ = masking_round(xs, weights=weights, clip=clip)
+    keys = ckks.CkksKeys.generate(ckks.CkksParams(clip=clip))
+    cts = [ckks.encrypt_update(keys, x, w) for x, w in zip(xs, weights, strict=True)]
+    he = ckks.decrypt_aggregate(keys, ckks.aggregate(keys.serialize_public(), cts), xs[0].size)
+    return {"none": plain.astype(np.float32), "masking": masked, "ckks": he}
+
+
+def paired_last_round(cfg: JobConfig) -> dict[str, dict[str, float]]:
+    """Aggregate one set of round-R silo updates three ways; test accuracy of each result.
+
+    `cfg` is the finished ``none`` run's config (FedAvg or FedProx, every silo in every round,
+    no pruning or DP), whose output folder holds the round R-1 checkpoint.
+    """
+    fed = cfg.federation
+    if fed.strategy == "fedadam" or fed.fraction < 1 or fed.pruning.enabled or fed.dp.enabled:
+        raise ValueError("the paired check needs fedavg/fedprox, fraction 1, no pruning, no DP")
+    job = silo.local_job(cfg)
+    last = fed.rounds
+    _, tensors = read_adapter_dir(_round_dir(cfg.output_dir, last - 1))
+    set_adapter_state(job.model, tensors)
+    start = flatten(job.model)
+    results = [silo.local_round(cfg, p, start, last, None, None)[0] for p in range(fed.silos)]
+    total = sum(r.examples for r in results)
+    weights = [r.examples / total for r in results]
+    sums = _secure_sums([r.values for r in results], weights, fed.secagg_clip)
+    out: dict[str, dict[str, float]] = {}
+    for name, mean in sums.items():
+        step = (np.float32(fed.effective_server_lr) * mean).astype(np.float32)
+        load_flat(job.model, start + step)
+        scores = evaluate(
+            job.model, job.task, job.splits.test, cfg.train.eval_batch_size, job.device
+        )
+        out[name] = {
+            "accuracy": scores["accuracy"],
+            "macro_f1": scores["macro_f1"],
+            "max_abs_diff": float(np.abs(mean.astype(np.float64) - sums["none"]).max()),
+        }
+    return out
+
+
+def summarise(paired: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Accuracy points of each secure method vs plain aggregation of the same updates."""
+    base = paired["none"]["accuracy"]
+    return {m: round(100 * (paired[m]["accuracy"] - base), 2) for m in ("masking", "ckks")}
