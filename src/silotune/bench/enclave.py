@@ -29,6 +29,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from silotune.bench.split import split_job
 from silotune.config import config_from_dict
 
 THREADS = 1  # one intra-op thread per process: see silotune.bench.split
@@ -39,34 +40,10 @@ def _model(quick: bool) -> str:
 
 
 def _split_job(quick: bool, in_enclave: bool, out: Path) -> dict[str, Any]:
-    steps = 5 if quick else 6
-    return {
-        "mode": "split",
-        "model": _model(quick),
-        "adapter": {"type": "lora", "r": 8},
-        "data": {
-            "dataset": "fortunes-sample",
-            "max_length": 64 if quick else 128,
-            "max_eval_examples": 8,
-        },
-        "train": {
-            "max_steps": steps,
-            "batch_size": 8,
-            "lr": 1e-3,
-            "eval_every": 10_000,
-            "log_every": 10_000,
-        },
-        "split": {
-            "head_layers": 1,
-            "tail_layers": 1,
-            "silos": 1,
-            "server_mode": "client-batching",
-            "sync_every": steps,
-            "timeout_s": 600,
-            "trunk_in_enclave": in_enclave,
-        },
-        "output_dir": str(out),
-    }
+    job = split_job(quick, silos=1, mode="client-batching", batch=8, steps=5 if quick else 6)
+    job["data"]["max_eval_examples"] = 8
+    job["split"]["trunk_in_enclave"] = in_enclave
+    return {**job, "output_dir": str(out)}
 
 
 def _split_step_s(quick: bool, in_enclave: bool, tmp: Path) -> dict[str, float]:

@@ -36,30 +36,33 @@ MODES = {
 }
 
 
+def split_job(quick: bool, silos: int, mode: str, batch: int, steps: int) -> dict[str, Any]:
+    """The split job the split benchmarks time (as a dict, for callers that add keys)."""
+    return {
+        "mode": "split",
+        "model": "tiny-llama" if quick else "smollm2-135m",
+        "adapter": {"type": "lora", "r": 8},
+        "data": {"dataset": "fortunes-sample", "max_length": 64 if quick else 128},
+        "train": {
+            "max_steps": steps,
+            "batch_size": batch,
+            "lr": 1e-3,
+            "eval_every": 10_000,
+            "log_every": 10_000,
+        },
+        "split": {
+            "head_layers": 1,
+            "tail_layers": 1,
+            "silos": silos,
+            "server_mode": mode,
+            "sync_every": steps,
+            "timeout_s": 600,
+        },
+    }
+
+
 def _config(quick: bool, silos: int, mode: str, batch: int, steps: int) -> JobConfig:
-    return config_from_dict(
-        {
-            "mode": "split",
-            "model": "tiny-llama" if quick else "smollm2-135m",
-            "adapter": {"type": "lora", "r": 8},
-            "data": {"dataset": "fortunes-sample", "max_length": 64 if quick else 128},
-            "train": {
-                "max_steps": steps,
-                "batch_size": batch,
-                "lr": 1e-3,
-                "eval_every": 10_000,
-                "log_every": 10_000,
-            },
-            "split": {
-                "head_layers": 1,
-                "tail_layers": 1,
-                "silos": silos,
-                "server_mode": mode,
-                "sync_every": steps,
-                "timeout_s": 600,
-            },
-        }
-    )
+    return config_from_dict(split_job(quick, silos, mode, batch, steps))
 
 
 def _steady(step_seconds: list[float]) -> float:
