@@ -301,7 +301,7 @@ def test_deployment_app_reads_each_silo_config_from_its_node_config(tmp_path: Pa
 
 
 def test_substituted_transport_key_is_detected(tmp_path: Path, caplog) -> None:
-    from silotune.federated.sealing import new_transport_key, public_bytes
+    from silotune.crypto.box import new_transport_key, public_bytes
 
     def substitute(message_type: str, node: int, content) -> None:
         if message_type == "train.mask_setup" and node == 1000:
@@ -315,7 +315,7 @@ def test_substituted_transport_key_is_detected(tmp_path: Path, caplog) -> None:
 
 
 def test_substituted_key_never_receives_the_he_secret(tmp_path: Path) -> None:
-    from silotune.federated.sealing import new_transport_key, public_bytes
+    from silotune.crypto.box import new_transport_key, public_bytes
 
     def substitute(message_type: str, node: int, content) -> None:
         if message_type == "train.hello" and node == 1002:

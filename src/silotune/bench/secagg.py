@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from silotune.crypto import ckks, masking, prg
-from silotune.federated import sealing
+from silotune.crypto import box as sealing
 
 FULL_PARAMS = 4_194_304
 QUICK_PARAMS = 262_144

@@ -27,7 +27,7 @@ import json
 import logging
 import secrets
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -57,6 +57,7 @@ from silotune.crypto.masking_wire import (
     parse_unmask_request,
     unpack_message,
 )
+from silotune.crypto.x25519 import check_public_key
 
 __all__ = [
     "STAGE_SETUP",
@@ -87,6 +88,13 @@ class MaskingClient:
         self._u2: list[int] = []
         self._held: dict[int, tuple[bytes, bytes]] = {}  # owner -> (self share, key share)
         self._unmasked = False
+
+    @property
+    def public_key(self) -> bytes:
+        """This round's X25519 mask public key (after :meth:`setup`)."""
+        if self._stage is None:
+            raise ValueError("The mask key exists only after the setup stage.")
+        return self._mask_key.public_key().public_bytes_raw()
 
     def export_state(self) -> bytes:
         """Serialize this client's round state (secret: keep it on the silo, never send it).
@@ -184,7 +192,27 @@ class MaskingClient:
         for one peer. The caller must encrypt every bundle end-to-end for that peer.
         """
         config = self._expect(STAGE_SETUP, STAGE_SHARE_KEYS)
-        keys = parse_key_broadcast(broadcast, config)
+        return self._share(config, parse_key_broadcast(broadcast, config))
+
+    def share_keys_verified(self, keys: Mapping[int, bytes]) -> dict[int, bytes]:
+        """``STAGE_SHARE_KEYS`` from keys the caller already checked (signed by their owners).
+
+        Same result as :meth:`share_keys`; the caller has verified that each key belongs to the
+        silo it is listed under (the authenticated protocol of :mod:`silotune.secagg`).
+        """
+        config = self._expect(STAGE_SETUP, STAGE_SHARE_KEYS)
+        checked = {}
+        for sid, pk in keys.items():
+            if sid not in config.silo_ids:
+                raise CryptoError(f"Key set names silo {sid}, which is not in the round.")
+            checked[int(sid)] = check_public_key(pk, f"mask key of silo {sid}")
+        if len(checked) < config.threshold:
+            raise CryptoError(
+                f"Key set has {len(checked)} keys; the threshold is {config.threshold}."
+            )
+        return self._share(config, checked)
+
+    def _share(self, config: SecAggConfig, keys: dict[int, bytes]) -> dict[int, bytes]:
         own = self._mask_key.public_key().public_bytes_raw()
         if keys.get(self.silo_id) != own:
             raise AuthenticationError(
@@ -204,30 +232,30 @@ class MaskingClient:
                 bundles[peer] = pack_message(KIND_BUNDLE, config.round_id, self.silo_id, body)
         return bundles
 
-    def masked_update(self, bundles: Mapping[int, bytes], update: ArrayLike) -> bytes:
-        """``STAGE_COLLECT_MASKED_VECTORS``: store peers' bundles; return the masked upload."""
+    def masked_update(
+        self,
+        bundles: Mapping[int, bytes],
+        update: ArrayLike,
+        peers: Sequence[int] | None = None,
+    ) -> bytes:
+        """``STAGE_COLLECT_MASKED_VECTORS``: store peers' bundles; return the masked upload.
+
+        ``peers`` is ``U2``, the silos whose (authenticated) bundles the server routed: this silo
+        masks with each of them even when a bundle failed to open here (it then holds no share of
+        that silo's secrets). Without it, ``U2`` is the silos whose bundles are in ``bundles``.
+        """
         config = self._expect(STAGE_SHARE_KEYS, STAGE_COLLECT_MASKED_VECTORS)
         vec = np.asarray(update).reshape(-1)
         if vec.size != config.vector_length:
             raise ValueError(f"update has {vec.size} values, config says {config.vector_length}.")
         for sender, bundle in bundles.items():
-            owner, body = unpack_message(bundle, KIND_BUNDLE, config.round_id, "Share bundle")
-            if owner != sender or sender not in self._public_keys or sender == self.silo_id:
-                raise AuthenticationError(f"Share bundle from silo {sender} names owner {owner}.")
-            if len(body) != 8 + 2 * shamir.SHARE_BYTES:
-                raise CryptoError(f"Share bundle from silo {sender} has a bad length {len(body)}.")
-            (recipient,) = struct.unpack_from(">Q", body, 0)
-            if recipient != self.silo_id:
-                raise AuthenticationError(
-                    f"Share bundle from silo {sender} is for silo {recipient}."
-                )
-            s_share = bytes(body[8 : 8 + shamir.SHARE_BYTES])
-            k_share = bytes(body[8 + shamir.SHARE_BYTES :])
-            for share in (s_share, k_share):
-                if shamir.Share.from_bytes(share).x != config.share_x(self.silo_id):
-                    raise AuthenticationError(f"Share bundle from silo {sender} holds another x.")
+            s_share, k_share = self.open_bundle(sender, bundle)
             self._held[sender] = (s_share, k_share)
-        self._u2 = sorted(self._held)
+        self._u2 = sorted(self._held if peers is None else set(peers) | {self.silo_id})
+        if not set(self._held) <= set(self._u2) <= set(self._public_keys):
+            raise CryptoError(
+                "The routed silo set must hold every bundle sender and only keyed silos."
+            )
         if len(self._u2) < config.threshold:
             raise CryptoError(
                 f"Only {len(self._u2)} silos shared keys; the threshold is {config.threshold}."
@@ -246,6 +274,26 @@ class MaskingClient:
                 masked -= mask
         upload = struct.pack(">Q", n) + masked.astype("<u4").tobytes()
         return pack_message(KIND_MASKED, r, self.silo_id, upload)
+
+    def open_bundle(self, sender: int, bundle: bytes) -> tuple[bytes, bytes]:
+        """Check one peer's (opened) share bundle; return its (self-seed, key) shares for us."""
+        config = self._config
+        if config is None:
+            raise ValueError("Bundles can be opened only after the setup stage.")
+        owner, body = unpack_message(bundle, KIND_BUNDLE, config.round_id, "Share bundle")
+        if owner != sender or sender not in self._public_keys or sender == self.silo_id:
+            raise AuthenticationError(f"Share bundle from silo {sender} names owner {owner}.")
+        if len(body) != 8 + 2 * shamir.SHARE_BYTES:
+            raise CryptoError(f"Share bundle from silo {sender} has a bad length {len(body)}.")
+        (recipient,) = struct.unpack_from(">Q", body, 0)
+        if recipient != self.silo_id:
+            raise AuthenticationError(f"Share bundle from silo {sender} is for silo {recipient}.")
+        s_share = bytes(body[8 : 8 + shamir.SHARE_BYTES])
+        k_share = bytes(body[8 + shamir.SHARE_BYTES :])
+        for share in (s_share, k_share):
+            if shamir.Share.from_bytes(share).x != config.share_x(self.silo_id):
+                raise AuthenticationError(f"Share bundle from silo {sender} holds another x.")
+        return s_share, k_share
 
     def unmask(self, request: bytes) -> bytes:
         """``STAGE_UNMASK``: reveal self-seed shares of survivors and key shares of dropped silos.
@@ -270,8 +318,15 @@ class MaskingClient:
                 f"Only {len(survivors)} survivors; the threshold is {config.threshold}."
             )
         self._unmasked = True
-        entries = [struct.pack(">QB", k, _SHARE_SELF) + self._held[k][0] for k in survivors]
-        entries += [struct.pack(">QB", j, _SHARE_KEY) + self._held[j][1] for j in dropped]
+        # A silo whose bundle failed to open here has no share held: reveal what is held.
+        entries = [
+            struct.pack(">QB", k, _SHARE_SELF) + self._held[k][0]
+            for k in survivors
+            if k in self._held
+        ]
+        entries += [
+            struct.pack(">QB", j, _SHARE_KEY) + self._held[j][1] for j in dropped if j in self._held
+        ]
         body = struct.pack(">H", len(entries)) + b"".join(entries)
         return pack_message(KIND_REVEAL, config.round_id, self.silo_id, body)
 
@@ -319,11 +374,15 @@ class MaskingServer:
         sender, body = unpack_message(
             message, KIND_PUBKEY, self.config.round_id, "Public key message"
         )
+        self.add_public_key(sender, bytes(body))
+
+    def add_public_key(self, sender: int, public_key: bytes) -> None:
+        """Record silo ``sender``'s mask public key (already authenticated by the caller)."""
+        if self._u1 is not None:
+            raise CryptoError("Public keys arrived after the key broadcast was sent.")
         if sender not in self.config.silo_ids or sender in self._keys:
             raise CryptoError(f"Public key from unknown or repeated silo {sender}.")
-        if len(body) != 32:
-            raise KeyMaterialError(f"X25519 public key must be 32 bytes, got {len(body)}.")
-        self._keys[sender] = bytes(body)
+        self._keys[sender] = check_public_key(public_key, f"mask key of silo {sender}")
 
     def key_broadcast(self) -> bytes:
         """``STAGE_SHARE_KEYS`` message: every received public key; fixes ``U1``."""
@@ -370,6 +429,12 @@ class MaskingServer:
             raise CryptoError(f"Masked upload from silo {sender} must hold exactly {n} values.")
         self._masked[sender] = np.frombuffer(body[8:], dtype="<u4").astype(np.uint32)
 
+    def exclude(self, silo: int) -> None:
+        """Leave ``silo`` out of ``U3`` (before the unmask request): it counts as dropped."""
+        if self._request is not None:
+            raise CryptoError("Silos can be excluded only before the unmask request.")
+        self._masked.pop(silo, None)
+
     def unmask_request(self) -> bytes:
         """``STAGE_UNMASK`` message naming survivors ``U3`` and dropped ``U2 - U3``."""
         if self._u2 is None:
@@ -408,8 +473,8 @@ class MaskingServer:
             if shamir.Share.from_bytes(share).x != x:
                 raise AuthenticationError(f"Reveal from silo {sender} holds a share of another x.")
             got[(owner, kind)] = share
-        if set(got) != wanted:
-            raise CryptoError(f"Reveal from silo {sender} misses requested shares.")
+        # A silo may lack the share of a peer whose bundle failed to open there; each secret
+        # still needs `threshold` shares in aggregate().
         self._reveals[sender] = got
 
     def aggregate(self) -> NDArray[np.float32]:
@@ -429,7 +494,13 @@ class MaskingServer:
         n, r = self.config.vector_length, self.config.round_id
 
         def rebuild(owner: int, kind: int) -> bytes:
-            return shamir.combine([rev[(owner, kind)] for rev in self._reveals.values()])
+            shares = [rev[(owner, kind)] for rev in self._reveals.values() if (owner, kind) in rev]
+            if len(shares) < t:
+                what = "self-mask seed" if kind == _SHARE_SELF else "mask key"
+                raise CryptoError(
+                    f"Only {len(shares)} shares of silo {owner}'s {what} were revealed; need {t}."
+                )
+            return shamir.combine(shares)
 
         total = np.zeros(n, dtype=np.uint32)
         for k in survivors:

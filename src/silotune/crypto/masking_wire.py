@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from silotune.crypto.exceptions import CryptoError, KeyMaterialError
 from silotune.crypto.fixedpoint import FixedPointCodec
+from silotune.crypto.x25519 import check_public_key
 
 STAGE_SETUP = "setup"
 STAGE_SHARE_KEYS = "share_keys"
@@ -138,6 +139,7 @@ def pair_seed(
 
     Both silos get the same seed: X25519 is symmetric and the HKDF info orders the ids.
     """
+    peer_public = check_public_key(peer_public, "peer mask key")
     try:
         shared = private_key.exchange(X25519PublicKey.from_public_bytes(peer_public))
     except ValueError as exc:
@@ -190,7 +192,7 @@ def parse_key_broadcast(data: bytes, config: SecAggConfig) -> dict[int, bytes]:
         (sid,) = struct.unpack_from(">Q", body, 2 + 40 * k)
         if sid not in config.silo_ids or sid in keys:
             raise CryptoError(f"Key broadcast names unknown or duplicate silo {sid}.")
-        keys[sid] = bytes(body[10 + 40 * k : 42 + 40 * k])
+        keys[sid] = check_public_key(body[10 + 40 * k : 42 + 40 * k], f"mask key of silo {sid}")
     if len(keys) < config.threshold:
         raise CryptoError(
             f"Key broadcast has {len(keys)} keys; the threshold is {config.threshold}."

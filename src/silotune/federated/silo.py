@@ -26,7 +26,8 @@ from silotune.config import JobConfig, load_config
 from silotune.crypto import ckks, masking
 from silotune.data.partition import partition_dirichlet, partition_iid
 from silotune.errors import ConfigError
-from silotune.federated import dp, sealing
+from silotune.crypto import box as sealing
+from silotune.federated import dp
 from silotune.federated.pinning import SiloTrust
 from silotune.federated.sparsify import sparsify
 from silotune.federated.vectors import (

@@ -1,4 +1,4 @@
-"""End-to-end encryption between silos through the coordinator: static X25519, HKDF, AES-256-GCM.
+"""Sealed boxes between silos through the coordinator: static X25519, HKDF, AES-256-GCM.
 
 Each silo holds one X25519 transport key per job (kept in its own node state). A payload from silo
 ``a`` to silo ``b`` (a Shamir share bundle, the HE secret context) is encrypted under
@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from silotune.crypto.exceptions import AuthenticationError, KeyMaterialError
+from silotune.crypto.x25519 import check_public_key
 
 VERSION = 1
 _SALT = b"silotune/federated/seal/v1"
@@ -40,8 +41,7 @@ def public_bytes(key: X25519PrivateKey) -> bytes:
 
 
 def _key(own: X25519PrivateKey, peer_public: bytes, purpose: bytes) -> tuple[AESGCM, bytes]:
-    if len(peer_public) != 32:
-        raise KeyMaterialError(f"X25519 public key must be 32 bytes, got {len(peer_public)}.")
+    peer_public = check_public_key(peer_public, "peer transport key")
     try:
         shared = own.exchange(X25519PublicKey.from_public_bytes(peer_public))
     except ValueError as exc:
