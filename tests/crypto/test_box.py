@@ -6,8 +6,8 @@ import pickle
 
 import pytest
 
-from silotune.crypto.exceptions import AuthenticationError, KeyMaterialError
 from silotune.crypto.box import new_transport_key, open_sealed, public_bytes, seal
+from silotune.crypto.exceptions import AuthenticationError, KeyMaterialError
 
 
 def test_seal_round_trip_and_every_kind_of_misuse_is_rejected() -> None:

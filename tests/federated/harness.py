@@ -94,6 +94,8 @@ def run_in_process(
     trust = simulation_trust(cfg.federation.silos)
     grid = InProcessGrid(make_client_app(cfg, mods, trust), cfg.federation.silos, tamper)
     with flower_identity():
-        coordinator = Coordinator(cfg, grid, resume=resume, progress=False)  # type: ignore[arg-type]
+        coordinator = Coordinator(  # type: ignore[arg-type]
+            cfg, grid, resume=resume, progress=False, enrollment=trust[0].enrollment
+        )
         summary = coordinator.run()
     return summary, coordinator, grid

@@ -104,7 +104,7 @@ def test_masking_client_state_survives_a_process_boundary() -> None:
         ({"pruning": {"start_round": 5, "end_round": 2}}, "end_round must be >= "),
         ({"strategy": "fedsgd"}, "federation.strategy"),
         ({"dp": {"noise": 1.0}}, "unknown key 'federation.dp.noise'"),
-        ({"identity_key": "silo.pem"}, "identity_key and enrollment must be set together"),
+        ({"max_examples": 0}, "federation.max_examples"),
     ],
 )
 def test_bad_federation_config_names_the_problem(federation: dict, message: str) -> None:

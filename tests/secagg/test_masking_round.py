@@ -8,6 +8,7 @@ attack is detected with a clear error and that nothing that could unmask a silo 
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import replace
 
 import numpy as np
@@ -339,15 +340,17 @@ def test_an_honest_silo_never_claims_more_than_its_policy_allows():
         (CHECK, lambda d: d.pop("signature"), "signature"),
     ],
 )
-def test_a_reply_missing_a_field_drops_that_silo_and_names_the_field(stage, change, field):
+def test_a_reply_missing_a_field_drops_that_silo_and_names_the_field(stage, change, field, caplog):
     fed = Federation(4)
     xs = updates(4)
 
     def missing(s, member, reply):
         return edit(reply, s, change) if s == stage and member == "silo-1" else reply
 
-    result = Run(fed, xs, EXAMPLES, corrupt=missing).go()
-    assert f"'{field}'" in result.dropped["silo-1"]
+    with caplog.at_level(logging.WARNING):
+        result = Run(fed, xs, EXAMPLES, corrupt=missing).go()
+    assert "silo silo-1 " in caplog.text and f"'{field}'" in caplog.text
+    assert (stage == CHECK) == ("silo-1" in result.contributors)
     kept = [0, 2, 3] if stage != CHECK else [0, 1, 2, 3]  # after upload it stays in the sum
     np.testing.assert_allclose(
         result.mean, fedavg([xs[i] for i in kept], [EXAMPLES[i] for i in kept]), atol=TOL

@@ -29,8 +29,8 @@ from numpy.typing import NDArray
 from rich.console import Console
 from rich.table import Table
 
-from silotune.crypto import ckks, masking, prg
 from silotune.crypto import box as sealing
+from silotune.crypto import ckks, masking, prg
 
 FULL_PARAMS = 4_194_304
 QUICK_PARAMS = 262_144

@@ -62,7 +62,9 @@ __all__ = [
     "CkksKeys",
     "encrypt_update",
     "aggregate",
+    "ciphertext_terms",
     "decrypt_aggregate",
+    "sum_ciphertexts",
     "fedshield_baseline_context",
     "fedshield_encrypt",
     "fedshield_aggregate",
@@ -412,6 +414,17 @@ def aggregate(
     keys = CkksKeys.load(public_ctx_bytes)
     if keys.is_private:
         raise KeyMaterialError("The coordinator must not hold the HE secret key; pass public keys.")
+    return sum_ciphertexts(keys, ciphertexts, compress=compress)
+
+
+def sum_ciphertexts(
+    keys: CkksKeys, ciphertexts: Sequence[bytes], *, compress: bool = True
+) -> bytes:
+    """Add encrypted updates under ``keys`` (public or private): the work of :func:`aggregate`.
+
+    A key-holding silo uses it to recompute an aggregate itself from individually signed
+    ciphertexts instead of decrypting whatever it is sent.
+    """
     if not ciphertexts:
         raise ValueError("aggregate needs at least one ciphertext.")
     parsed = [_unframe(keys, c) for c in ciphertexts]
@@ -431,6 +444,13 @@ def aggregate(
             total += _load_chunk(keys, chunks[i], slots)
         out.append(total.serialize())
     return _frame(keys, n_values, n_terms, out, compress)
+
+
+def ciphertext_terms(data: bytes) -> int:
+    """The term count a ciphertext's header declares (1 for a fresh :func:`encrypt_update`)."""
+    if not isinstance(data, (bytes, bytearray)) or len(data) < _CT_HEAD.size:
+        raise CryptoError("HE ciphertext is truncated.")
+    return int(_CT_HEAD.unpack_from(data, 0)[5])
 
 
 def decrypt_aggregate(keys: CkksKeys, data: bytes, length: int) -> NDArray[np.float32]:

@@ -14,6 +14,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from silotune.config import load_config
+from silotune.crypto.identity import Enrollment
 from silotune.errors import ConfigError
 from silotune.federated.coordinator import Coordinator
 from silotune.federated.silo import make_client_app
@@ -32,4 +33,6 @@ def main(grid: Grid, context: Context) -> None:
     cfg = load_config(Path(str(raw)).expanduser())
     resume = bool(context.run_config.get("resume", False))
     prepare_output_dir(cfg, resume=resume, overwrite=False)
-    Coordinator(cfg, grid, resume=resume, progress=False).run()
+    roster = cfg.federation.enrollment  # optional on the coordinator: drops badly signed silos
+    enrollment = Enrollment.load(Path(roster).expanduser()) if roster else None
+    Coordinator(cfg, grid, resume=resume, progress=False, enrollment=enrollment).run()

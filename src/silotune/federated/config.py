@@ -89,6 +89,29 @@ class FederationConfig(_Strict):
         description="masking/ckks: each pre-weighted update value is clipped to [-clip, clip] "
         "before fixed-point encoding (smaller = finer quantisation)",
     )
+    weighting: Literal["examples", "equal"] = Field(
+        "examples",
+        description="how updates are weighted: examples (FedAvg by each silo's signed example "
+        "count) or equal (plain mean)",
+    )
+    max_examples: int = Field(
+        1_000_000,
+        ge=1,
+        description="most training examples one silo may claim; a larger claim drops that silo "
+        "(it bounds any one silo's weight)",
+    )
+    he_decrypters: int = Field(
+        2,
+        ge=1,
+        le=2,
+        description="ckks: key holders that decrypt each round's sum; with 2 the coordinator "
+        "compares their signed sums, so one lying decrypter is caught",
+    )
+    allow_unauthenticated: bool = Field(
+        False,
+        description="deployment: let a silo run without identity_key/enrollment (peers' keys "
+        "are then trusted as relayed; a warning every round)",
+    )
     identity_key: str | None = Field(
         None,
         description="deployment: this silo's Ed25519 identity key (PEM, from silotune keygen); "
@@ -96,8 +119,9 @@ class FederationConfig(_Strict):
     )
     enrollment: str | None = Field(
         None,
-        description="deployment: JSON enrollment of every silo's public identity; peers' "
-        "transport keys must be signed by an enrolled silo",
+        description="deployment: JSON enrollment of every silo's public identity; every key a "
+        "silo uses must be signed by an enrolled silo (on the coordinator: optional, it then "
+        "drops silos whose signatures fail)",
     )
     eval_every: int = Field(1, gt=0, description="evaluate the global adapter every N rounds")
     round_timeout_s: float = Field(600.0, gt=0, description="seconds to wait for silos per stage")
@@ -109,8 +133,8 @@ class FederationConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> FederationConfig:
-        if (self.identity_key is None) != (self.enrollment is None):
-            raise ValueError("identity_key and enrollment must be set together")
+        # A silo needs both identity_key and enrollment (checked where they load); the
+        # coordinator may name the enrollment alone, to drop badly signed silos itself.
         if self.min_silos > self.silos:
             raise ValueError(f"min_silos ({self.min_silos}) exceeds silos ({self.silos})")
         if self.secure_aggregation != "none" and self.min_silos < 2:

@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from silotune.adapters.peft_adapters import save_adapter
 from silotune.config import JobConfig
+from silotune.crypto.identity import Enrollment
 from silotune.errors import CheckpointError
 from silotune.eval.evaluate import evaluate
 from silotune.federated import dp, protocols
@@ -33,6 +34,7 @@ from silotune.federated.sparsify import (
 )
 from silotune.federated.strategy import apply_update, make_server_optimizer
 from silotune.federated.vectors import FederationError, flatten
+from silotune.secagg.masking_silo import new_job_id
 from silotune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from silotune.train.trainer import (
     ADAPTER_DIR,
@@ -50,8 +52,17 @@ NODE_WAIT_S = 60.0
 class Coordinator:
     """Runs the rounds of one federated job against a Flower ``Grid``."""
 
-    def __init__(self, cfg: JobConfig, grid: Grid, resume: bool, progress: bool) -> None:
+    def __init__(
+        self,
+        cfg: JobConfig,
+        grid: Grid,
+        resume: bool,
+        progress: bool,
+        enrollment: Enrollment | None = None,
+    ) -> None:
         self.cfg, self.fed, self.grid = cfg, cfg.federation, grid
+        self.job_id = new_job_id()  # bound into every signature of this job's rounds
+        self.enrollment = enrollment  # lets the coordinator drop silos with bad signatures
         self.resume, self.progress = resume, progress
         self.job = build_job(cfg)
         self.optimizer = make_server_optimizer(self.job.model, self.fed)
@@ -93,7 +104,9 @@ class Coordinator:
     def _round(
         self, nodes: list[int], round_no: int, support: NDArray[np.int64] | None
     ) -> protocols.RoundResult:
-        inp = protocols.RoundInput(round_no, flatten(self.job.model), support)
+        inp = protocols.RoundInput(
+            self.job_id, round_no, flatten(self.job.model), support, self.enrollment
+        )
         mode = self.fed.secure_aggregation
         if mode == "masking":
             return protocols.masking_round(self.grid, nodes, self.fed, inp)

@@ -1,10 +1,11 @@
-"""Coordinator side of one round's upload: plain FedAvg, pairwise masking, or HE aggregation.
+"""Coordinator side of one round's upload over Flower: plain FedAvg, masking, or HE aggregation.
 
-Each function sends the round's stage messages through a Flower ``Grid``, treats a silo that
-fails or does not answer as dropped, and returns the weighted mean update over the silos whose
-update entered the sum. The coordinator never holds an individual update in the clear with
-``masking`` or ``ckks``, and never holds the HE secret key (``HeSetup.public_context`` is checked
-to be public-only when it arrives).
+Each function sends the round's stage messages through a Flower ``Grid``. A silo that fails, does
+not answer, or sends a reply with a missing or malformed field is dropped from the round with a
+log line naming the silo and the field; the round goes on while ``federation.min_silos`` remain.
+Nothing a single silo sends ends the job. Masking runs the one stage driver of
+:mod:`silotune.secagg.masking_driver` (Flower is only its carrier); HE decryption goes through the
+silos' :class:`~silotune.secagg.he.DecryptionGuard`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from numpy.typing import NDArray
 
-from silotune.crypto import ckks, masking
+from silotune.crypto import ckks
 from silotune.crypto.exceptions import CryptoError
+from silotune.crypto.identity import Enrollment
+from silotune.errors import SilotuneError
 from silotune.federated import silo
 from silotune.federated.config import FederationConfig
 from silotune.federated.vectors import (
@@ -30,8 +33,13 @@ from silotune.federated.vectors import (
     records,
     to_array,
 )
+from silotune.secagg import he
+from silotune.secagg.masking_common import ADVERTISE
+from silotune.secagg.masking_driver import MaskingDriver, RoundFailed, run_round
 
 log = logging.getLogger(__name__)
+
+MASK_ACTIONS = dict(zip(silo.MASK_STAGES, silo.MASK_ACTIONS, strict=True))
 
 
 @dataclass
@@ -50,9 +58,11 @@ class RoundResult:
 class RoundInput:
     """What every silo of the round receives."""
 
+    job: bytes  # random per job; bound into every signature
     round_no: int
     global_vec: NDArray[np.float32]
     support: NDArray[np.int64] | None
+    enrollment: Enrollment | None = None  # lets the coordinator drop silos with bad signatures
 
     @property
     def length(self) -> int:
@@ -93,6 +103,137 @@ def exchange(
     return replies, failed
 
 
+def _drop(dropped: dict[int, str], node: int, round_no: int, why: str) -> None:
+    dropped[node] = why
+    log.warning("round %d: silo node %d dropped: %s", round_no, node, why)
+
+
+def _need(survivors: Iterable[int], fed: FederationConfig, stage: str, round_no: int) -> None:
+    count = len(list(survivors))
+    if count < fed.min_silos:
+        raise FederationError(
+            f"round {round_no} failed: only {count} silo(s) completed stage {stage}; "
+            f"federation.min_silos is {fed.min_silos}"
+        )
+
+
+def _summary(reply: RecordDict, fed: FederationConfig) -> tuple[int, float, float]:
+    """(examples, loss, update norm) of a reply; FederationError names a missing or bad field."""
+    conf = get_config(reply)
+    out = []
+    for key in ("examples", "loss", "update_norm"):
+        value = conf.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise FederationError(f"its reply lacks a numeric '{key}'")
+        out.append(value)
+    n = out[0]
+    if not isinstance(n, int) or not 1 <= n <= fed.max_examples:
+        raise FederationError(
+            f"it claims {n} training examples; allowed 1..{fed.max_examples} "
+            "(federation.max_examples)"
+        )
+    return n, float(out[1]), float(out[2])
+
+
+def _weight_basis(fed: FederationConfig, examples: int) -> int:
+    return 1 if fed.weighting == "equal" else examples
+
+
+def plain_round(
+    grid: Grid, nodes: list[int], fed: FederationConfig, inp: RoundInput
+) -> RoundResult:
+    """No secure aggregation: silos upload float32 updates; the coordinator weights them."""
+    body = {
+        n: records(inp.arrays(), round=inp.round_no, job=inp.job.hex())  # type: ignore[arg-type]
+        for n in nodes
+    }
+    replies, dropped = exchange(grid, body, silo.PLAIN, inp.round_no, fed.round_timeout_s)
+    total = np.zeros(inp.length, dtype=np.float64)
+    weights, losses, norms, sizes, kept = 0, 0.0, [], [], []
+    for node, reply in replies.items():
+        try:
+            n, loss, norm = _summary(reply, fed)
+            values = get_vector(reply, "arrays", "update", np.float32, inp.length)
+            if not np.isfinite(values).all():
+                raise FederationError("its update holds NaN or infinite values")
+        except FederationError as exc:
+            _drop(dropped, node, inp.round_no, str(exc))
+            continue
+        w = _weight_basis(fed, n)
+        total += w * values.astype(np.float64)
+        weights += w
+        losses += w * loss
+        norms.append(norm)
+        sizes.append(values.nbytes)
+        kept.append(node)
+    _need(kept, fed, "train", inp.round_no)
+    mean = (total / weights).astype(np.float32)
+    return RoundResult(mean, sorted(kept), dropped, losses / weights, float(np.mean(sizes)), norms)
+
+
+def masking_round(
+    grid: Grid, nodes: list[int], fed: FederationConfig, inp: RoundInput
+) -> RoundResult:
+    """Authenticated pairwise-mask SecAgg; the coordinator only sees masked vectors and the sum."""
+    r = inp.round_no
+    try:
+        driver: MaskingDriver[int] = MaskingDriver(
+            inp.job,
+            r,
+            nodes,
+            inp.length,
+            fed.secagg_clip,
+            threshold=fed.masking_threshold,
+            weighting=fed.weighting,
+            max_examples=fed.max_examples,
+            min_silos=fed.min_silos,
+            enrollment=inp.enrollment,
+        )
+    except RoundFailed as exc:
+        raise FederationError(f"{exc} (federation.masking_threshold, federation.silos)") from None
+    losses: dict[int, tuple[float, float]] = {}
+
+    def carry(stage: str, messages: dict[int, bytes]) -> tuple[dict[int, bytes], dict[int, str]]:
+        body = {}
+        for node, message in messages.items():
+            arrays = {"msg": to_array(message)}
+            if stage == ADVERTISE:  # silos train at the first stage
+                arrays |= inp.arrays()  # type: ignore[arg-type]
+            body[node] = records(arrays, round=r)  # type: ignore[arg-type]
+        replies, failed = exchange(grid, body, MASK_ACTIONS[stage], r, fed.round_timeout_s)
+        out = {}
+        for node, reply in replies.items():
+            try:
+                out[node] = get_bytes(reply, "arrays", "msg")
+                if stage == ADVERTISE:
+                    conf = get_config(reply)
+                    losses[node] = (float(conf["loss"]), float(conf["update_norm"]))  # type: ignore[arg-type]
+            except (FederationError, KeyError, TypeError, ValueError) as exc:
+                failed[node] = f"malformed reply: {exc}"
+        return out, failed
+
+    try:
+        result = run_round(driver, carry)
+    except RoundFailed as exc:
+        raise FederationError(str(exc)) from None
+    n_in = sum(result.examples.values())
+    loss = sum(result.examples[n] * losses.get(n, (0.0, 0.0))[0] for n in result.contributors)
+    norms = [losses[n][1] for n in result.contributors if n in losses]
+    return RoundResult(
+        result.mean, result.contributors, result.dropped, loss / n_in, result.upload_bytes, norms
+    )
+
+
+@dataclass
+class HeSetup:
+    """The coordinator's HE material: a public-only context, never a secret key."""
+
+    public_context: bytes
+    holders: list[int]  # nodes holding the secret key (leader first)
+    examples: dict[int, int]
+    names: dict[int, str] = field(default_factory=dict)  # node -> enrolled name (for signatures)
+
+
 def _signed_key(reply: RecordDict) -> tuple[str, bytes, bytes]:
     """(identity name, transport key, signature) a silo sent; relayed as is to its peers."""
     sig = b""
@@ -110,170 +251,21 @@ def _peer_records(body: RecordDict, peers: dict[int, tuple[str, bytes, bytes]]) 
     return body
 
 
-def _need(survivors: Iterable[int], fed: FederationConfig, stage: str, round_no: int) -> None:
-    count = len(list(survivors))
-    if count < fed.min_silos:
-        raise FederationError(
-            f"round {round_no} failed: only {count} silo(s) completed stage {stage}; "
-            f"federation.min_silos is {fed.min_silos}"
-        )
-
-
-def _examples(reply: RecordDict) -> tuple[int, float, float]:
-    conf = get_config(reply)
-    n = int(conf["examples"])  # type: ignore[arg-type]
-    if n <= 0:
-        raise FederationError(f"a silo reported {n} training examples")
-    return n, float(conf["loss"]), float(conf["update_norm"])  # type: ignore[arg-type]
-
-
-def plain_round(
-    grid: Grid, nodes: list[int], fed: FederationConfig, inp: RoundInput
-) -> RoundResult:
-    """No secure aggregation: silos upload float32 updates; the coordinator weights by examples."""
-    body = {n: records(inp.arrays(), round=inp.round_no) for n in nodes}  # type: ignore[arg-type]
-    replies, failed = exchange(grid, body, silo.PLAIN, inp.round_no, fed.round_timeout_s)
-    _need(replies, fed, "train", inp.round_no)
-    total = np.zeros(inp.length, dtype=np.float64)
-    weights, losses, norms, sizes = 0, 0.0, [], []
-    for reply in replies.values():
-        n, loss, norm = _examples(reply)
-        values = get_vector(reply, "arrays", "update", np.float32, inp.length)
-        total += n * values.astype(np.float64)
-        weights += n
-        losses += n * loss
-        norms.append(norm)
-        sizes.append(values.nbytes)
-    mean = (total / weights).astype(np.float32)
-    return RoundResult(
-        mean, sorted(replies), failed, losses / weights, float(np.mean(sizes)), norms
-    )
-
-
-def masking_round(
-    grid: Grid, nodes: list[int], fed: FederationConfig, inp: RoundInput
-) -> RoundResult:
-    """Pairwise-mask SecAgg: the coordinator only ever sees masked uint32 vectors and their sum."""
-    r, timeout = inp.round_no, fed.round_timeout_s
-    sid = {node: i + 1 for i, node in enumerate(sorted(nodes))}  # SecAgg ids 1..k
-    k = len(nodes)
-    threshold = fed.masking_threshold or k // 2 + 1
-    try:
-        config = masking.SecAggConfig(
-            r, tuple(sid.values()), threshold, inp.length, fed.secagg_clip
-        )
-    except ValueError as exc:
-        raise FederationError(
-            f"federation.masking_threshold {threshold} does not fit a round of {k} silos "
-            f"(allowed {k // 2 + 1}..{k}): {exc}"
-        ) from None
-    server = masking.MaskingServer(config)
-    dropped: dict[int, str] = {}
-
-    # 1. setup: every silo trains, then answers with its mask public key and transport key.
-    body = {}
-    for node in nodes:
-        arrays = inp.arrays() | {"secagg_config": to_array(config.to_bytes())}
-        body[node] = records(arrays, round=r, secagg_id=sid[node])  # type: ignore[arg-type]
-    replies, failed = exchange(grid, body, silo.MASK_SETUP, r, timeout)
-    dropped |= failed
-    examples, losses, norms, tpks = {}, {}, [], {}
-    for node, reply in replies.items():
-        try:
-            server.receive_public_key(get_bytes(reply, "arrays", "pk_msg"))
-        except CryptoError as exc:
-            dropped[node] = f"bad public key message: {exc}"
-            continue
-        examples[node], losses[node], norm = _examples(reply)
-        norms.append(norm)
-        tpks[sid[node]] = _signed_key(reply)
-    _need(examples, fed, "setup", r)
-    broadcast = server.key_broadcast()
-
-    # 2. share keys: bundles come back sealed for their recipients; the coordinator only routes.
-    body = {}
-    for node in examples:
-        body[node] = _peer_records(records({"broadcast": to_array(broadcast)}, round=r), tpks)
-    replies, failed = exchange(grid, body, silo.MASK_SHARE, r, timeout)
-    dropped |= failed
-    for node, reply in replies.items():
-        bundles = reply.array_records.get("bundles", ArrayRecord())
-        try:
-            server.receive_bundles(
-                sid[node], {int(p): bundles[p].numpy().tobytes() for p in bundles}
-            )
-        except (CryptoError, ValueError) as exc:
-            dropped[node] = f"bad share bundles: {exc}"
-    shared = [n for n in replies if n not in dropped]
-    _need(shared, fed, "share_keys", r)
-
-    # 3. collect: pre-weight by n_i / N over the silos that shared keys; upload masked vectors.
-    n_shared = sum(examples[n] for n in shared)
-    body = {}
-    for node in shared:
-        try:
-            routed = server.bundles_for(sid[node])
-        except CryptoError as exc:
-            raise FederationError(f"round {r} failed: {exc}") from None
-        body[node] = records(round=r, weight=examples[node] / n_shared)
-        body[node]["bundles"] = ArrayRecord({str(s): to_array(b) for s, b in routed.items()})
-    replies, failed = exchange(grid, body, silo.MASK_COLLECT, r, timeout)
-    dropped |= failed
-    sizes = []
-    for node, reply in replies.items():
-        upload = get_bytes(reply, "arrays", "masked")
-        try:
-            server.receive_masked(upload)
-        except CryptoError as exc:
-            dropped[node] = f"bad masked upload: {exc}"
-            continue
-        sizes.append(len(upload))
-    uploaded = [n for n in replies if n not in dropped]
-    _need(uploaded, fed, "collect_masked_vectors", r)
-
-    # 4. unmask: survivors reveal shares; a silo lost now is still in the sum (its seed is rebuilt).
-    try:
-        request = server.unmask_request()
-    except CryptoError as exc:
-        raise FederationError(f"round {r} failed: {exc}") from None
-    body = {n: records({"request": to_array(request)}, round=r) for n in uploaded}
-    replies, failed = exchange(grid, body, silo.MASK_UNMASK, r, timeout)
-    for node, reply in replies.items():
-        try:
-            server.receive_reveal(get_bytes(reply, "arrays", "reveal"))
-        except CryptoError as exc:
-            failed[node] = f"bad reveal: {exc}"
-    try:
-        total = server.aggregate()  # sum over uploaded of (n_i / n_shared) * x_i
-    except CryptoError as exc:
-        raise FederationError(
-            f"round {r} failed: {exc} (federation.masking_threshold {threshold})"
-        ) from None
-    for node, why in failed.items():
-        log.warning(
-            "round %d: silo node %d missed unmasking (%s); its update still counts", r, node, why
-        )
-    n_in = sum(examples[n] for n in uploaded)
-    mean = (total.astype(np.float64) * (n_shared / n_in)).astype(np.float32)
-    loss = sum(examples[n] * losses[n] for n in uploaded) / n_in
-    return RoundResult(mean, sorted(uploaded), dropped, loss, float(np.mean(sizes)), norms)
-
-
-@dataclass
-class HeSetup:
-    """The coordinator's HE material: a public-only context, never a secret key."""
-
-    public_context: bytes
-    holders: list[int]  # nodes holding the secret key (leader first)
-    examples: dict[int, int]
-
-
 def he_setup(grid: Grid, nodes: list[int], fed: FederationConfig) -> HeSetup:
-    """Key leader makes the keys; peers get the secret sealed to their X25519 keys via us."""
+    """Key leader makes the keys; peers get the secret sealed to their signed X25519 keys via us."""
     timeout = fed.round_timeout_s
-    replies, _ = exchange(grid, {n: records() for n in nodes}, silo.HELLO, 0, timeout)
-    _need(replies, fed, "hello", 0)
-    tpks = {n: _signed_key(r) for n, r in replies.items()}
+    replies, dropped = exchange(grid, {n: records() for n in nodes}, silo.HELLO, 0, timeout)
+    tpks, examples = {}, {}
+    for node, reply in replies.items():
+        try:
+            tpks[node] = _signed_key(reply)
+            n = get_config(reply).get("examples")
+            if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= fed.max_examples:
+                raise FederationError(f"it claims {n!r} examples; allowed 1..{fed.max_examples}")
+            examples[node] = n
+        except FederationError as exc:
+            _drop(dropped, node, 0, str(exc))
+    _need(tpks, fed, "hello", 0)
     leader = min(tpks)
     body = _peer_records(
         records(clip=fed.secagg_clip), {n: k for n, k in tpks.items() if n != leader}
@@ -281,12 +273,13 @@ def he_setup(grid: Grid, nodes: list[int], fed: FederationConfig) -> HeSetup:
     answer, failed = exchange(grid, {leader: body}, silo.HE_KEYGEN, 0, timeout)
     if leader not in answer:
         raise FederationError(f"HE key setup failed: the key leader failed ({failed[leader]})")
-    public = get_bytes(answer[leader], "arrays", "public")
-    if ckks.CkksKeys.load(public).is_private:
-        raise FederationError(
-            "HE key setup refused: the key leader sent the coordinator a secret key"
-        )
-    sealed = answer[leader].array_records["sealed"]
+    try:
+        public = get_bytes(answer[leader], "arrays", "public")
+        if ckks.CkksKeys.load(public).is_private:
+            raise FederationError("the key leader sent the coordinator a secret key")
+        sealed = answer[leader].array_records["sealed"]
+    except (FederationError, CryptoError, KeyError) as exc:
+        raise FederationError(f"HE key setup refused: {exc}") from None
     installs: dict[int, RecordDict] = {}
     for node in tpks:
         if node != leader and str(node) in sealed:
@@ -295,44 +288,110 @@ def he_setup(grid: Grid, nodes: list[int], fed: FederationConfig) -> HeSetup:
     installed, _ = exchange(grid, installs, silo.HE_INSTALL, 0, timeout)
     holders = [leader] + sorted(installed)
     _need(holders, fed, "HE key setup", 0)
-    hello_examples = {n: int(get_config(r)["examples"]) for n, r in replies.items()}  # type: ignore[arg-type]
-    return HeSetup(public, holders, hello_examples)
+    names = {n: tpks[n][0] for n in holders}
+    return HeSetup(public, holders, {n: examples[n] for n in holders}, names)
 
 
 def he_round(
     grid: Grid, nodes: list[int], fed: FederationConfig, inp: RoundInput, setup: HeSetup
 ) -> RoundResult:
-    """HE aggregation: silos upload ciphertexts of ``(n_i / N) * x_i``; the coordinator adds them."""
+    """Silos upload signed ciphertexts of ``w_i x_i``; key holders decrypt only a checked sum."""
     r, timeout = inp.round_no, fed.round_timeout_s
-    n_all = sum(setup.examples[n] for n in nodes)
+    basis = {n: _weight_basis(fed, setup.examples[n]) for n in nodes}
+    total_basis = sum(basis.values())
+    weights = {n: basis[n] / total_basis for n in nodes}
     body = {
-        n: records(inp.arrays(), round=r, weight=setup.examples[n] / n_all)  # type: ignore[arg-type]
+        n: records(inp.arrays(), round=r, job=inp.job.hex(), weight=weights[n])  # type: ignore[arg-type]
         for n in nodes
     }
     replies, dropped = exchange(grid, body, silo.HE_TRAIN, r, timeout)
-    _need(replies, fed, "train", r)
-    cts, losses, norms, n_in = [], 0.0, [], 0
-    for reply in replies.values():
-        n, loss, norm = _examples(reply)
-        cts.append(get_bytes(reply, "arrays", "ciphertext"))
-        losses += n * loss
+    items: dict[int, he.Contribution] = {}
+    losses, norms = {}, []
+    for node, reply in replies.items():
+        try:
+            n, loss, norm = _summary(reply, fed)
+            item = he.Contribution(
+                str(get_config(reply).get("identity", "")),
+                get_bytes(reply, "arrays", "ciphertext"),
+                n,
+                weights[node],
+                get_bytes(reply, "arrays", "signature"),
+            )
+            if inp.enrollment is not None:
+                item.verify(inp.enrollment, inp.job, r)
+            if ckks.ciphertext_terms(item.ciphertext) != 1:
+                raise FederationError("its ciphertext declares several terms")
+        except (FederationError, CryptoError, SilotuneError) as exc:
+            _drop(dropped, node, r, str(exc))
+            continue
+        items[node], losses[node] = item, n * loss
         norms.append(norm)
-        n_in += n
-    try:
-        aggregate = ckks.aggregate(setup.public_context, cts)
-    except (CryptoError, ValueError) as exc:
-        raise FederationError(f"round {r} failed: a ciphertext was rejected: {exc}") from None
-    # One surviving key holder decrypts the sum (never a single ciphertext) and returns it.
-    total, why = None, ""
-    for node in sorted(replies):
-        dec = records({"aggregate": to_array(aggregate)}, round=r, length=inp.length)
-        answer, failed = exchange(grid, {node: dec}, silo.HE_DECRYPT, r, timeout)
-        if node in answer:
-            total = get_vector(answer[node], "arrays", "sum", np.float32, inp.length)
+    _need(items, fed, "train", r)
+    total = _decrypt(grid, fed, inp, setup, items, dropped)
+    n_in = sum(basis[n] for n in items)
+    mean = (total.astype(np.float64) * (total_basis / n_in)).astype(np.float32)
+    loss = sum(losses.values()) / sum(i.examples for i in items.values())
+    size = float(np.mean([len(i.ciphertext) for i in items.values()]))
+    return RoundResult(mean, sorted(items), dropped, loss, size, norms)
+
+
+def _decrypt(
+    grid: Grid,
+    fed: FederationConfig,
+    inp: RoundInput,
+    setup: HeSetup,
+    items: dict[int, he.Contribution],
+    dropped: dict[int, str],
+) -> NDArray[np.float32]:
+    """Ask ``he_decrypters`` key holders to decrypt the signed contributions; compare the sums."""
+    r = inp.round_no
+    request = he.pack_contributions(inp.job, r, [items[n] for n in sorted(items)])
+    candidates = [n for n in setup.holders if n in items] + [
+        n for n in setup.holders if n not in items
+    ]
+    sums: dict[int, NDArray[np.float32]] = {}
+    why = "no key holder is left"
+    for node in candidates:
+        if len(sums) == fed.he_decrypters:
             break
-        why = failed[node]
-    if total is None:
+        dec = records({"request": to_array(request)}, round=r, length=inp.length)
+        answer, failed = exchange(grid, {node: dec}, silo.HE_DECRYPT, r, fed.round_timeout_s)
+        if node not in answer:
+            why = failed.get(node, "no answer")
+            continue
+        try:
+            values = get_vector(answer[node], "arrays", "sum", np.float32, inp.length)
+            if inp.enrollment is not None:
+                he.verify_sum(
+                    inp.enrollment,
+                    setup.names.get(node, ""),
+                    get_bytes(answer[node], "arrays", "signature"),
+                    inp.job,
+                    r,
+                    values,
+                    sorted(i.name for i in items.values()),
+                )
+            bound = len(items) * fed.secagg_clip * (1 + 1e-6)
+            if not np.isfinite(values).all() or float(np.abs(values).max(initial=0)) > bound:
+                raise FederationError("its decrypted sum is not finite or exceeds n x clip")
+        except (FederationError, CryptoError, SilotuneError) as exc:
+            why = f"silo node {node} returned a bad sum: {exc}"
+            _drop(dropped, node, r, why)
+            continue
+        sums[node] = values
+    if not sums:
         raise FederationError(f"round {r} failed: no silo could decrypt the aggregate ({why})")
-    mean = (total.astype(np.float64) * (n_all / n_in)).astype(np.float32)
-    size = float(np.mean([len(c) for c in cts]))
-    return RoundResult(mean, sorted(replies), dropped, losses / n_in, size, norms)
+    if len(sums) < fed.he_decrypters:
+        log.warning(
+            "round %d: only %d key holder(s) decrypted; a lying decrypter would go unnoticed",
+            r,
+            len(sums),
+        )
+    first, *others = sums.items()
+    for node, values in others:
+        if not np.array_equal(values, first[1]):
+            raise FederationError(
+                f"round {r} failed: key holders {first[0]} and {node} decrypted the same signed "
+                "ciphertexts to different sums; one of them lies"
+            )
+    return first[1]

@@ -23,10 +23,10 @@ from flwr.clientapp import ClientApp
 from numpy.typing import NDArray
 
 from silotune.config import JobConfig, load_config
-from silotune.crypto import ckks, masking
+from silotune.crypto import box as sealing
+from silotune.crypto import ckks
 from silotune.data.partition import partition_dirichlet, partition_iid
 from silotune.errors import ConfigError
-from silotune.crypto import box as sealing
 from silotune.federated import dp
 from silotune.federated.pinning import SiloTrust
 from silotune.federated.sparsify import sparsify
@@ -41,6 +41,10 @@ from silotune.federated.vectors import (
     to_array,
     trainable,
 )
+from silotune.secagg.he import Contribution, DecryptionGuard
+from silotune.secagg.masking_common import STAGES
+from silotune.secagg.masking_silo import MaskingSilo
+from silotune.secagg.policy import SiloPolicy
 from silotune.train.loop import BatchStream, forward_loss, make_optimizer, train_step
 from silotune.train.trainer import Job, build_job
 
@@ -51,15 +55,11 @@ PLAIN = "plain"
 HELLO = "hello"
 HE_KEYGEN, HE_INSTALL, HE_TRAIN, HE_DECRYPT = "he_keygen", "he_install", "he_train", "he_decrypt"
 MASK_SETUP, MASK_SHARE = "mask_setup", "mask_share"
-MASK_COLLECT, MASK_UNMASK = "mask_collect", "mask_unmask"
-ACTIONS = (PLAIN, HELLO, HE_KEYGEN, HE_INSTALL, HE_TRAIN, HE_DECRYPT) + (
-    MASK_SETUP,
-    MASK_SHARE,
-    MASK_COLLECT,
-    MASK_UNMASK,
-)
+MASK_COLLECT, MASK_CHECK, MASK_UNMASK = "mask_collect", "mask_check", "mask_unmask"
+MASK_ACTIONS = (MASK_SETUP, MASK_SHARE, MASK_COLLECT, MASK_CHECK, MASK_UNMASK)
+MASK_STAGES = STAGES  # secagg stage carried by each masking action, in order
+ACTIONS = (PLAIN, HELLO, HE_KEYGEN, HE_INSTALL, HE_TRAIN, HE_DECRYPT) + MASK_ACTIONS
 
-PURPOSE_BUNDLE = b"secagg-share-bundle"
 PURPOSE_HE_SECRET = b"he-secret-context"
 
 _STATE = "silotune"  # ConfigRecord in the node state: keys, masking state
@@ -114,12 +114,15 @@ def silo_indices(cfg: JobConfig, job: Job, partition: int) -> list[int]:
 def _stream(cfg: JobConfig, partition: int) -> tuple[Job, BatchStream]:
     key, job = _job(cfg)
     if (key, partition) not in _STREAMS:
-        if not 0 <= partition < cfg.federation.silos:
+        if cfg.federation.simulation and not 0 <= partition < cfg.federation.silos:
             raise ConfigError(
                 f"partition-id {partition} is outside 0..{cfg.federation.silos - 1} "
                 "(federation.silos)"
             )
-        examples = [job.stream.examples[i] for i in silo_indices(cfg, job, partition)]
+        if cfg.federation.simulation:
+            examples = [job.stream.examples[i] for i in silo_indices(cfg, job, partition)]
+        else:  # deployment: this silo's data is all of its own training split
+            examples = list(job.stream.examples)
         _STREAMS[(key, partition)] = BatchStream(
             examples, cfg.train.batch_size, cfg.train.seed + 7919 * partition, job.stream.pad_id
         )
@@ -205,6 +208,8 @@ def _residual(context: Context, cfg: JobConfig, length: int) -> NDArray[np.float
 
 
 def _partition(context: Context) -> int:
+    if "partition-id" not in context.node_config and "config" in context.node_config:
+        return 0  # deployment: the silo trains on all of its own data; the id only seeds batches
     try:
         return int(context.node_config["partition-id"])
     except (KeyError, TypeError, ValueError):
@@ -265,10 +270,47 @@ def peer_table(content: RecordDict, what: str, trust: SiloTrust) -> dict[int, by
     return {peer: pk for peer, (_, pk, _) in table.items()}
 
 
+def silo_policy(cfg: JobConfig, trust: SiloTrust) -> SiloPolicy:
+    """What this silo's own config demands of every round (the coordinator cannot lower it)."""
+    fed = cfg.federation
+    return SiloPolicy(
+        fed.secure_aggregation,
+        fed.min_silos,
+        fed.secagg_clip,
+        fed.weighting,
+        fed.max_examples,
+        authenticated=trust.enabled,
+    )
+
+
+def _method(action: str) -> str:
+    if action == PLAIN:
+        return "none"
+    return "masking" if action in MASK_ACTIONS else "ckks"
+
+
+def _history(context: Context, key: str) -> dict[str, int]:
+    raw = _state(context).get(key)
+    return {str(k): int(v) for k, v in json.loads(str(raw)).items()} if raw else {}
+
+
+def _keep_history(context: Context, key: str, history: dict[str, int]) -> None:
+    _state(context)[key] = json.dumps(history)
+
+
 def handle(
     cfg: JobConfig, action: str, message: Message, context: Context, trust: SiloTrust
 ) -> RecordDict:
-    """Answer one stage message (validated before any work)."""
+    """Answer one stage message: the silo's policy is checked before any work or any upload."""
+    if action not in ACTIONS:
+        raise ValueError(f"Unknown stage: {action!r}; expected one of {ACTIONS}.")
+    policy = silo_policy(cfg, trust)
+    policy.require(_method(action))
+    if not trust.enabled and action in (PLAIN, HE_TRAIN, MASK_SETUP):
+        log.warning(
+            "this silo runs without identities (federation.allow_unauthenticated): an active "
+            "coordinator could substitute peers' keys and read its update"
+        )
     content = message.content
     if action == PLAIN:
         result, _ = _train_from(message, context, cfg)
@@ -282,19 +324,23 @@ def handle(
     if action == HE_INSTALL:
         return _he_install(content, context, trust)
     if action == HE_TRAIN:
-        weight = float(get_config(content)["weight"])  # type: ignore[arg-type]
-        result, _ = _train_from(message, context, cfg)
-        blob = ckks.encrypt_update(_he_keys(context), result.values, weight)
-        return records({"ciphertext": to_array(blob)}, **_summary(result))
+        return _he_train(cfg, message, context, trust)
     if action == HE_DECRYPT:
+        history = _history(context, "he_history")
+        guard = DecryptionGuard(policy, trust.enrollment, history)
         length = int(get_config(content)["length"])  # type: ignore[arg-type]
-        total = ckks.decrypt_aggregate(
-            _he_keys(context), get_bytes(content, "arrays", "aggregate"), length
-        )
-        return records({"sum": to_array(total)})
-    if action in (MASK_SETUP, MASK_SHARE, MASK_COLLECT, MASK_UNMASK):
-        return _masking(cfg, action, message, context, trust)
-    raise ValueError(f"Unknown stage: {action!r}; expected one of {ACTIONS}.")
+        try:
+            total, sig, _ = guard.decrypt(
+                _he_keys(context),
+                get_bytes(content, "arrays", "request"),
+                length,
+                trust.key,
+                trust.name,
+            )
+        finally:
+            _keep_history(context, "he_history", history)
+        return records({"sum": to_array(total), "signature": to_array(sig)})
+    return _masking(cfg, action, message, context, trust, policy)
 
 
 def _he_keygen(content: RecordDict, context: Context, trust: SiloTrust) -> RecordDict:
@@ -333,67 +379,59 @@ def _he_install(content: RecordDict, context: Context, trust: SiloTrust) -> Reco
     return records(installed=True)
 
 
+def _he_train(cfg: JobConfig, message: Message, context: Context, trust: SiloTrust) -> RecordDict:
+    """Train, encrypt ``weight * update`` and sign (ciphertext, examples, weight, job, round)."""
+    conf = get_config(message.content)
+    weight = conf.get("weight")
+    if isinstance(weight, bool) or not isinstance(weight, float) or not 0 < weight <= 1:
+        raise FederationError(f"the round's weight must be a number in (0, 1], got {weight!r}")
+    job = bytes.fromhex(str(conf.get("job", "")))
+    result, round_no = _train_from(message, context, cfg)
+    blob = ckks.encrypt_update(_he_keys(context), result.values, weight)
+    item = Contribution.sign(trust.key, job, round_no, trust.name, blob, result.examples, weight)
+    arrays = {"ciphertext": to_array(blob), "signature": to_array(item.signature)}
+    return records(arrays, identity=trust.name, **_summary(result))
+
+
 def _masking(
-    cfg: JobConfig, action: str, message: Message, context: Context, trust: SiloTrust
+    cfg: JobConfig,
+    action: str,
+    message: Message,
+    context: Context,
+    trust: SiloTrust,
+    policy: SiloPolicy,
 ) -> RecordDict:
-    """The four SecAgg stages; share bundles travel sealed end to end between silos."""
+    """The authenticated masking stages (:mod:`silotune.secagg`); Flower only carries bytes."""
     content, state = message.content, _state(context)
-    conf = get_config(content)
-    round_no = int(conf["round"])  # type: ignore[arg-type]
+    incoming = get_bytes(content, "arrays", "msg")
+    history = _history(context, "mask_history")
+    name = trust.name or f"node-{context.node_id}"
+    extra: dict[str, Any] = {}
     if action == MASK_SETUP:
         result, _ = _train_from(message, context, cfg)
         context.state[_PENDING] = ArrayRecord({"values": to_array(result.values)})
-        client = masking.MaskingClient(int(conf["secagg_id"]))  # type: ignore[arg-type]
-        pk_msg = client.setup(get_bytes(content, "arrays", "secagg_config"))
-        state["masking"] = client.export_state()
-        arrays, name = _signed_key(context, trust)
-        return records({"pk_msg": to_array(pk_msg), **arrays}, identity=name, **_summary(result))
-    client = masking.MaskingClient.restore_state(bytes(state["masking"]))  # type: ignore[arg-type]
-    own = transport_key(context)
-    if action == MASK_SHARE:
-        peer_pks = peer_table(content, f"round {round_no} key sharing", trust)
-        bundles = client.share_keys(get_bytes(content, "arrays", "broadcast"))
-        missing = set(bundles) - set(peer_pks)
-        if missing:
-            raise FederationError(
-                f"the coordinator sent no transport key for silos {sorted(missing)}"
-            )
-        sealed = {
-            str(peer): to_array(sealing.seal(own, peer_pks[peer], PURPOSE_BUNDLE, round_no, b))
-            for peer, b in bundles.items()
-        }
-        state["peer_pks"] = json.dumps({str(k): v.hex() for k, v in peer_pks.items()})
-        state["masking"] = client.export_state()
-        body = records()
-        body["bundles"] = ArrayRecord(sealed)
-        return body
-    if action == MASK_COLLECT:
-        peer_pks = {int(k): bytes.fromhex(v) for k, v in json.loads(str(state["peer_pks"])).items()}
-        routed = content.array_records.get("bundles", ArrayRecord())
-        opened = {}
-        for name in routed:
-            sender = int(name)
-            if sender not in peer_pks:
-                raise FederationError(f"share bundle from silo {sender}, which shared no key")
-            opened[sender] = sealing.open_sealed(
-                own,
-                peer_pks[sender],
-                PURPOSE_BUNDLE,
-                round_no,
-                routed[name].numpy().tobytes(),
-                f"the share bundle from silo {sender}",
-            )
-        values = context.state.array_records[_PENDING]["values"].numpy()
-        weight = float(conf["weight"])  # type: ignore[arg-type]
-        upload = client.masked_update(
-            opened, (values.astype(np.float64) * weight).astype(np.float32)
+        party = MaskingSilo(policy, trust.key, trust.enrollment, name, history)
+        reply = party.advertise(incoming, result.examples)
+        extra = {"loss": result.loss, "update_norm": result.update_norm}
+    else:
+        party = MaskingSilo.restore(
+            bytes(state["masking"]),  # type: ignore[arg-type]
+            policy,
+            trust.key,
+            trust.enrollment,
+            name,
+            history,
         )
-        del context.state[_PENDING]
-        state["masking"] = client.export_state()
-        return records({"masked": to_array(upload)})
-    reveal = client.unmask(get_bytes(content, "arrays", "request"))
-    state["masking"] = client.export_state()
-    return records({"reveal": to_array(reveal)})
+        stage = MASK_STAGES[MASK_ACTIONS.index(action)]
+        update = None
+        if action == MASK_COLLECT:
+            update = context.state.array_records[_PENDING]["values"].numpy()
+        reply = party.handle(stage, incoming, update=update)
+        if action == MASK_COLLECT:
+            del context.state[_PENDING]
+    state["masking"] = party.export_state()
+    _keep_history(context, "mask_history", history)
+    return records({"msg": to_array(reply)}, **extra)
 
 
 _CONFIGS: dict[tuple[str, float], JobConfig] = {}
@@ -418,9 +456,18 @@ _TRUST: dict[tuple[str | None, str | None], SiloTrust] = {}
 
 
 def _trust_from_config(cfg: JobConfig) -> SiloTrust:
-    key = (cfg.federation.identity_key, cfg.federation.enrollment)
+    """A deployed silo's identity and enrollment; required unless allow_unauthenticated."""
+    fed = cfg.federation
+    key = (fed.identity_key, fed.enrollment)
     if key not in _TRUST:
-        _TRUST[key] = SiloTrust.from_files(*key)
+        trust = SiloTrust.from_files(*key)
+        if not trust.enabled and fed.secure_aggregation != "none" and not fed.allow_unauthenticated:
+            raise ConfigError(
+                "a deployed silo needs federation.identity_key and federation.enrollment (from "
+                "silotune keygen) so that peers' keys can be checked; set "
+                "federation.allow_unauthenticated: true to run without them"
+            )
+        _TRUST[key] = trust
     return _TRUST[key]
 
 

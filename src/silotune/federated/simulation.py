@@ -12,6 +12,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from silotune.config import JobConfig
+from silotune.crypto.identity import Enrollment
 from silotune.errors import ConfigError
 from silotune.federated.coordinator import Coordinator
 from silotune.federated.pinning import simulation_trust
@@ -21,14 +22,20 @@ from silotune.train.trainer import prepare_output_dir
 log = logging.getLogger(__name__)
 
 
-def make_server_app(cfg: JobConfig, resume: bool, progress: bool, out: dict[str, Any]) -> ServerApp:
+def make_server_app(
+    cfg: JobConfig,
+    resume: bool,
+    progress: bool,
+    out: dict[str, Any],
+    enrollment: Enrollment | None = None,
+) -> ServerApp:
     """A ServerApp whose main runs the coordinator; the summary or the error lands in `out`."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            out["summary"] = Coordinator(cfg, grid, resume, progress).run()
+            out["summary"] = Coordinator(cfg, grid, resume, progress, enrollment).run()
         except BaseException as exc:  # re-raised in the caller's thread after the simulation
             out["error"] = exc
 
@@ -73,11 +80,10 @@ def train_federated_simulation(
     logging.getLogger("flwr").setLevel(logging.ERROR if quiet else logging.DEBUG)
     prepare_output_dir(cfg, resume, overwrite)
     out: dict[str, Any] = {}
-    server_app = make_server_app(cfg, resume, progress, out)
-    # Fresh Ed25519 identities per simulated silo: transport keys are signed and checked.
-    client_app: ClientApp = make_client_app(
-        cfg, client_mods, simulation_trust(cfg.federation.silos)
-    )
+    # Fresh Ed25519 identities per simulated silo: every key is signed and checked.
+    trust = simulation_trust(cfg.federation.silos)
+    server_app = make_server_app(cfg, resume, progress, out, trust[0].enrollment)
+    client_app: ClientApp = make_client_app(cfg, client_mods, trust)
     try:
         run_simulation(
             server_app=server_app,

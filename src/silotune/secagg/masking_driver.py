@@ -146,16 +146,27 @@ class MaskingDriver(Generic[M]):
 
     def drop(self, member: M, reason: str) -> None:
         """Leave ``member`` out of the rest of the round (it failed, vanished or cheated)."""
-        if member in self.active:
-            self.active.discard(member)
-            self.dropped[member] = f"{self.stage}: {reason}"
+        if member not in self.active:
+            return
+        self.active.discard(member)
+        if self.sid[member] in self._uploads and self.stage in (CHECK, UNMASK):
             log.warning(
-                "Secure aggregation round %d: silo %s dropped at stage %s: %s",
+                "Secure aggregation round %d: silo %s missed stage %s (%s); its masked update "
+                "still counts (its self mask is rebuilt from the others' shares)",
                 self.config.round_id,
                 member,
                 self.stage,
                 reason,
             )
+            return
+        self.dropped[member] = f"{self.stage}: {reason}"
+        log.warning(
+            "Secure aggregation round %d: silo %s dropped at stage %s: %s",
+            self.config.round_id,
+            member,
+            self.stage,
+            reason,
+        )
 
     def advance(self) -> None:
         """Check the stage's replies, then prepare the next stage (or finish the round)."""
@@ -194,8 +205,8 @@ class MaskingDriver(Generic[M]):
         floor = self.min_silos if floor is None else floor
         if count < floor:
             raise RoundFailed(
-                f"secure aggregation round {self.config.round_id} failed: only {count} {what}; "
-                f"it needs {floor} (threshold {self.config.threshold}, min_silos)"
+                f"round {self.config.round_id} failed: only {count} {what}; secure aggregation "
+                f"needs {floor} (threshold {self.config.threshold}, min_silos {self.min_silos})"
             )
 
     def _adverts(self, replies: dict[M, bytes]) -> None:

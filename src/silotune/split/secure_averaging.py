@@ -41,10 +41,10 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from silotune.crypto import box as sealing
 from silotune.crypto.exceptions import CryptoError
 from silotune.crypto.masking import MaskingClient, MaskingServer, SecAggConfig
 from silotune.crypto.masking_wire import MAX_SILOS, MAX_VECTOR_LENGTH
-from silotune.crypto import box as sealing
 from silotune.split.frames import KIND_SECAGG, Frame, FrameError
 from silotune.split.session import FrameSession, SplitError
 
