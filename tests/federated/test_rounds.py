@@ -426,3 +426,22 @@ def test_fedadam_server_step_moves_each_value_by_server_lr_along_the_mean_update
     step = adapter(cfg) - init
     # First bias-corrected Adam step on the pseudo-gradient -mean: server_lr * sign(mean).
     assert np.allclose(step[moved], 0.01 * np.sign(fedavg - init)[moved], atol=1e-5)
+
+
+@pytest.mark.parametrize("lie", ["times10", "nan"])
+def test_a_lying_decrypter_is_caught_and_the_round_uses_honest_ones(tmp_path: Path, plain, caplog, lie):
+    """Issue 10, finding 5: a decrypting silo returned sum x 10 or NaN and it was accepted."""
+    _, want, _ = plain
+
+    def lying(message_type: str, node: int, content) -> None:
+        if message_type == "train.he_decrypt" and node == 1000:
+            values = content.array_records["arrays"]["sum"].numpy()
+            bad = values * 10 if lie == "times10" else np.full_like(values, np.nan)
+            content.array_records["arrays"]["sum"] = silo.to_array(bad.astype(np.float32))
+
+    cfg = make_cfg(tmp_path, f"liar-{lie}", secure_aggregation="ckks")
+    with caplog.at_level(logging.WARNING):
+        run_in_process(cfg, tamper=lying)
+    assert "silo node 1000 returned a bad sum" in caplog.text
+    tol = ckks.CkksParams(clip=CLIP).codec.sum_tolerance(3)
+    assert np.abs(adapter(cfg) - want).max() <= tol + 1e-7
