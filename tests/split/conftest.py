@@ -154,7 +154,9 @@ def trunk_server(
 def open_silo(connect_fn: Any, keys_dir: Path, name: str) -> FrameSession:
     """Connect and run the handshake as silo ``name``."""
     identity, coordinator = load_silo_keys(keys_dir, name)
-    return open_session(connect_fn(name), identity, coordinator, timeout=30)
+    session = open_session(connect_fn(name), identity, coordinator, timeout=30)
+    session.silo_name, session.keys_dir = name, keys_dir  # for tests that build an averager
+    return session
 
 
 def run_threads(*targets: Any, timeout: float = 120) -> list[BaseException | None]:

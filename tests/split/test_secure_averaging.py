@@ -14,19 +14,18 @@ import numpy as np
 import pytest
 import torch
 
+from silotune.crypto import box
 from silotune.crypto.fixedpoint import FixedPointCodec
 from silotune.crypto.masking import MaskingServer
-from silotune.split import secure_averaging
+from silotune.secagg import masking_driver, wire
 from silotune.split.averaging import weighted_average
 from silotune.split.frames import FrameError
-from silotune.split.keys import load_silo_keys
+from silotune.split.keys import load_enrollment, load_silo_keys
 from silotune.split.parts import PartState, build_half
 from silotune.split.secure_averaging import (
     MaskingAverager,
     flatten_state,
-    pack_bundles,
     unflatten_state,
-    unpack_bundles,
 )
 from silotune.split.session import FrameSession, SplitError, open_session
 from silotune.split.silo import CoordinatorAverager, TrunkLink, make_averager
@@ -77,10 +76,16 @@ class CloseAfter:
         self.connection.close()
 
 
-def masked_silo(cfg, session: FrameSession, examples: int):
-    """A silo link with the config's averager, joined (the averager must exist before ``join``)."""
+def masked_silo(cfg, session: FrameSession, examples: int, keys_dir=None, name=None):
+    """A silo link with the config's averager, joined (the averager must exist before ``join``).
+
+    The silo signs with its identity from ``keys_dir`` and checks peers against the enrollment.
+    """
     link = TrunkLink(session, timeout=60)
-    averager = make_averager(cfg, link)
+    name = name or session.silo_name
+    folder = keys_dir or session.keys_dir
+    identity, _ = load_silo_keys(folder, name)
+    averager = make_averager(cfg, link, identity, load_enrollment(folder, "test silo"), name)
     link.join(examples)
     return averager
 
@@ -94,7 +99,7 @@ def spy_uploads(monkeypatch):
             uploads.append(bytes(message))
             super().receive_masked(message)
 
-    monkeypatch.setattr(secure_averaging, "MaskingServer", Spy)
+    monkeypatch.setattr(masking_driver, "MaskingServer", Spy)
     return uploads
 
 
@@ -186,7 +191,9 @@ def test_a_silo_gone_between_syncs_leaves_the_round_to_the_others(adapter, keys_
     states = silo_states(adapter, 3)
     with trunk_server(cfg, keys_dir) as (service, connect_fn):
         sessions = [open_silo(connect_fn, keys_dir, f"silo-{i}") for i in range(3)]
-        averagers = [masked_silo(cfg, sessions[i], EXAMPLES[i]) for i in range(3)]
+        averagers = [
+            masked_silo(cfg, sessions[i], EXAMPLES[i], keys_dir, f"silo-{i}") for i in range(3)
+        ]
         sessions[2].close()  # silo-2 vanishes before the sync
         deadline = time.monotonic() + 10
         while "silo-2" in service.engine.roster.live and time.monotonic() < deadline:
@@ -214,7 +221,9 @@ def test_shamir_recovery_when_a_silo_vanishes_mid_round(adapter, keys_dir, gone_
         ]
         identity, coordinator = load_silo_keys(keys_dir, "silo-2")
         wire = CloseAfter(connect_fn("silo-2"), gone_after)
-        leaver = masked_silo(cfg, open_session(wire, identity, coordinator, 30), EXAMPLES[2])
+        leaver = masked_silo(
+            cfg, open_session(wire, identity, coordinator, 30), EXAMPLES[2], keys_dir, f"silo-{2}"
+        )
         results, errors = average_all([*averagers, leaver], states)
     assert errors[:2] == [None, None], errors
     assert errors[2] is not None  # the leaver's own call failed
@@ -232,10 +241,14 @@ def test_a_round_below_the_threshold_fails_with_a_clear_error(adapter, keys_dir)
         stayer = masked_silo(cfg, open_silo(connect_fn, keys_dir, "silo-0"), EXAMPLES[0])
         identity, coordinator = load_silo_keys(keys_dir, "silo-1")
         wire = CloseAfter(connect_fn("silo-1"), 7)
-        leaver = masked_silo(cfg, open_session(wire, identity, coordinator, 30), EXAMPLES[1])
+        leaver = masked_silo(
+            cfg, open_session(wire, identity, coordinator, 30), EXAMPLES[1], keys_dir, f"silo-{1}"
+        )
         _, errors = average_all([stayer, leaver], states)
     assert isinstance(errors[0], SplitError)
-    assert "revealed shares; need 2" in str(errors[0]) and "majority" in str(errors[0])
+    assert "only 1 silos confirmed the round's view" in str(errors[0]) and "threshold 2" in str(
+        errors[0]
+    )
     assert {r.silo: r.outcome for r in service.records}["silo-0"] == "failed"
 
 
@@ -278,13 +291,7 @@ def test_silos_must_agree_on_how_they_average(keys_dir):
     assert outcomes == {"silo-0": "rejected", "silo-1": "failed"}
 
 
-def test_bundle_lists_and_flat_states_round_trip_and_reject_garbage():
-    bundles = {3: b"abc", 1: b"", 7: bytes(range(200))}
-    assert unpack_bundles(pack_bundles(bundles)) == bundles
-    packed = pack_bundles(bundles)
-    for bad in (packed[:-1], packed + b"x", packed[:1]):
-        with pytest.raises(FrameError):
-            unpack_bundles(bad)
+def test_flat_states_round_trip_and_reject_garbage():
     state = {"b": torch.arange(6.0).view(2, 3), "a": torch.tensor([-1.5])}
     vector = flatten_state(state)
     assert vector.tolist() == [-1.5, 0, 1, 2, 3, 4, 5]
@@ -316,3 +323,59 @@ def test_hierarchical_trunk_replicas_are_averaged_at_a_secure_sync(adapter, keys
     expected = weighted_average(replicas, EXAMPLES[:2])
     for state in after:
         assert all(torch.allclose(state[n], expected[n], atol=1e-7) for n in expected)
+
+
+def _rewrite(message: bytes, stage: str, change) -> bytes:
+    reader, payload = wire.unpack(message, stage, "test")
+    doc = dict(reader.doc)
+    doc.pop("stage")
+    change(doc)
+    return wire.pack(stage, doc, payload)
+
+
+@pytest.mark.parametrize("what", ["transport_pk", "mask_pk"])
+def test_a_coordinator_that_substitutes_keys_is_detected_before_any_upload(
+    adapter, keys_dir, monkeypatch, what
+):
+    """Issue 10, finding 3: substituted per-round keys let a coordinator rebuild one adapter."""
+    uploads = spy_uploads(monkeypatch)
+    original = masking_driver.MaskingDriver.messages
+    fake = box.public_bytes(box.new_transport_key()).hex()  # the coordinator's own key
+
+    def substituted(self):
+        out = original(self)
+        if self.stage == "share_keys":
+            out = {
+                m: _rewrite(msg, "share_keys", lambda d: d["adverts"]["3"].update({what: fake}))
+                for m, msg in out.items()
+            }
+        return out
+
+    monkeypatch.setattr(masking_driver.MaskingDriver, "messages", substituted)
+    cfg = split_cfg(silos=3)
+    with trunk_server(cfg, keys_dir) as (_, connect_fn):
+        averagers = [
+            masked_silo(cfg, open_silo(connect_fn, keys_dir, f"silo-{i}"), EXAMPLES[i])
+            for i in range(3)
+        ]
+        _, errors = average_all(averagers, silo_states(adapter, 3))
+    assert not uploads  # no silo sent a masked adapter
+    assert "key substitution detected: the keys of silo 3 ('silo-2')" in str(errors[0])
+    assert "key substitution detected" in str(errors[1])
+    assert "does not carry this silo's own keys unchanged" in str(errors[2])
+
+
+def test_a_coordinator_that_replays_a_round_is_refused(adapter, keys_dir, monkeypatch):
+    """A second masked upload for one round id (e.g. with a smaller roster) is refused."""
+    cfg = split_cfg(silos=2)
+    states = silo_states(adapter, 2)
+    with trunk_server(cfg, keys_dir) as (service, connect_fn):
+        averagers = [
+            masked_silo(cfg, open_silo(connect_fn, keys_dir, f"silo-{i}"), EXAMPLES[i])
+            for i in range(2)
+        ]
+        _, errors = average_all(averagers, states)
+        assert errors == [None, None]
+        service.secure.rounds -= 1  # the coordinator reuses the round id it just completed
+        _, errors = average_all(averagers, states, step=4)
+    assert all("replays round 1" in str(e) for e in errors)

@@ -131,6 +131,10 @@ def run_silo(
         identity, policy = load_silo_identity(s.keys_dir, silo_name), trunk_policy(cfg)
     else:
         identity, coordinator = load_silo_keys(s.keys_dir, silo_name)
+    # Peers' public identities: every key of a secure-averaging round must be signed by one.
+    enrollment = None
+    if s.secure_averaging == "masking":
+        enrollment = load_enrollment(s.keys_dir, f"silo {silo_name!r} (secure averaging)")
     if s.tls_dir is None:
         raise ConfigError("split.tls_dir is not set; a silo needs the CA certificate ca.pem")
     tls = load_tls_material(s.tls_dir, role="client")
@@ -156,8 +160,9 @@ def run_silo(
         log.info("Attested the coordinator's simulated enclave; keying the channel to it.")
     session = open_session(connection, identity, coordinator, timeout=s.timeout_s)
     try:
+        averaging = (identity, enrollment, silo_name)
         return _train_silo(
-            cfg, half, session, stream, task, splits, device, out_dir, evaluate_splits
+            cfg, half, session, stream, task, splits, device, out_dir, evaluate_splits, averaging
         )
     finally:
         session.close()
@@ -173,15 +178,19 @@ def _train_silo(
     device: torch.device,
     out_dir: Path,
     evaluate_splits: bool,
+    averaging: tuple[Any, Any, str],
 ) -> dict[str, Any]:
-    """The silo's training loop over an open session (see :func:`run_silo`)."""
+    """The silo's training loop over an open session (see :func:`run_silo`).
+
+    ``averaging`` is (identity key, enrollment, silo name) for secure averaging.
+    """
     t, s = cfg.train, cfg.split
     link = TrunkLink(
         session, t.grad_accum, s.activation_dtype, s.noise_sigma, t.seed, timeout=s.timeout_s
     )
     model = SplitSilo(half.parts.head, half.parts.tail, link).to(device)
     names = PartState(half.model, [half.parts.head, half.parts.tail])
-    averager = make_averager(cfg, link)
+    averager = make_averager(cfg, link, *averaging)
     examples = len(stream.examples)
     link.join(examples)
     optimizer = make_optimizer(model, t)

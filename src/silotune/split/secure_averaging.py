@@ -1,50 +1,56 @@
-"""Secure averaging of silo adapters in split mode: pairwise-mask SecAgg over the split sessions.
+"""Secure averaging of silo adapters in split mode: the secagg stage driver over split sessions.
 
-The protocol objects are those of federated ``masking`` (:class:`~silotune.crypto.masking.
-MaskingClient` on each silo, :class:`~silotune.crypto.masking.MaskingServer` on the coordinator);
-only the carrier differs: every SecAgg message travels in a ``secagg`` frame on the silo's
-authenticated, encrypted session with the coordinator. One round, five request/answer stages:
+The protocol is the one federated ``masking`` uses (:mod:`silotune.secagg`: signed keys, signed
+share bundles, a consistency check before any share is revealed); only the carrier differs: every
+stage message travels in a ``secagg`` frame on the silo's authenticated, encrypted session with
+the coordinator. One round:
 
-================  ===========================================  ===================================
-silo sends        what                                         coordinator answers
-================  ===========================================  ===================================
-``hello``         vector length, clip, fresh X25519 transport  ``alone`` (one live silo: keep your
-                  key (examples: from its ``join``)            adapter) or the SecAgg config, the
-                                                               silo's id, peers' transport keys
-``public_key``    its mask public key                          the key broadcast
-``share_bundles`` Shamir share bundles, each sealed end to     the bundles sealed for this silo,
-                  end for one peer (the coordinator routes)    and its weight ``n_i / N``
-``masked_vector`` ``encode(w_i x_i) + masks`` mod 2**32        the unmask request
-``reveal``        the requested shares                         the weighted average (float32)
-================  ===========================================  ===================================
+=================  ==========================================  ===================================
+silo sends         what                                        coordinator answers
+=================  ==========================================  ===================================
+``hello``          vector length and clip                      ``alone`` (one live silo: keep your
+                                                               adapter) or the round setup
+``advertise``      its signed mask and transport keys,         every accepted advert
+                   examples
+``share_keys``     signed share bundles, each sealed to a      the bundles for this silo and U2
+                   peer (the coordinator routes)
+``masked_input``   ``encode(w_i x_i) + masks`` mod 2**32       the unmask request
+``check``          its signature over its view of the round    every view signature
+``unmask``         the requested shares                        ``result``: the weighted average
+=================  ==========================================  ===================================
 
-The coordinator only routes, adds masked uint32 vectors and removes the masks with the shares the
-protocol reveals: it learns the weighted average and nothing else about a silo's adapter.
+Each silo signs with its enrolled identity and checks every peer's signature against the
+enrollment in ``split.keys_dir/enrollment.json`` (public keys only), so a coordinator that
+substitutes keys, shows silos different rosters, or replays a round is detected and the silo
+stops with an error naming what it detected; a silo whose reply is bad leaves the round, and the
+others finish without it. The coordinator learns the weighted average and nothing else.
 
-Dropouts: a round's roster is the silos live when it starts; with one live silo it is skipped (the
-average of one adapter is that adapter, nothing is sent). Inside a round the Shamir threshold is a
-majority of the roster: a silo lost before uploading is left out (its pairwise masks are rebuilt
-from its key shares), a silo lost after uploading stays in the average (its self mask is rebuilt).
-If fewer than the threshold remain at a stage, the round fails with :class:`SplitError`.
+Dropouts: a round's roster is the silos live when it starts; with one live silo it is skipped.
+A silo lost before uploading is left out (its pairwise masks are rebuilt from its key shares), a
+silo lost after uploading stays in the average (its self mask is rebuilt). If fewer than a
+majority of the roster remain, the round fails with :class:`SplitError`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import struct
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from silotune.crypto import box as sealing
 from silotune.crypto.exceptions import CryptoError
-from silotune.crypto.masking import MaskingClient, MaskingServer, SecAggConfig
+from silotune.crypto.identity import Enrollment, IdentityKey
 from silotune.crypto.masking_wire import MAX_SILOS, MAX_VECTOR_LENGTH
+from silotune.errors import SilotuneError
+from silotune.secagg.masking_common import ADVERTISE, STAGES
+from silotune.secagg.masking_driver import MaskingDriver, RoundFailed
+from silotune.secagg.masking_silo import MaskingSilo, new_job_id
+from silotune.secagg.policy import SiloPolicy
 from silotune.split.frames import KIND_SECAGG, Frame, FrameError
 from silotune.split.session import FrameSession, SplitError
 
@@ -53,23 +59,16 @@ if TYPE_CHECKING:
     from silotune.split.silo import TrunkLink
 
 __all__ = [
-    "STAGES",
     "MaskedAveraging",
     "MaskingAverager",
     "flatten_state",
-    "pack_bundles",
     "unflatten_state",
-    "unpack_bundles",
 ]
 
 log = logging.getLogger(__name__)
 
-HELLO, PUBLIC_KEY, SHARE_BUNDLES = "hello", "public_key", "share_bundles"
-MASKED_VECTOR, REVEAL = "masked_vector", "reveal"
-STAGES = (HELLO, PUBLIC_KEY, SHARE_BUNDLES, MASKED_VECTOR, REVEAL)
-
-PURPOSE_BUNDLE = b"split-secagg-share-bundle"  # binds sealed bundles to this use (and the round)
-_BUNDLE_ENTRY = struct.Struct(">QI")  # peer id, sealed length
+HELLO, RESULT, DROPPED = "hello", "result", "dropped"
+MIN_SILOS = 2  # an average of one adapter is that adapter
 
 
 # --------------------------------------------------------------------------- encodings
@@ -94,35 +93,6 @@ def unflatten_state(
         chunk = np.array(vector[offset : offset + ref.numel()], dtype=np.float32)
         out[name] = torch.from_numpy(chunk).view(ref.shape).to(dtype=ref.dtype, device=ref.device)
         offset += ref.numel()
-    return out
-
-
-def pack_bundles(bundles: Mapping[int, bytes]) -> bytes:
-    """``{peer id: sealed bundle}`` as ``count u16 | (peer u64, length u32, bytes)*``."""
-    body = [struct.pack(">H", len(bundles))]
-    for peer in sorted(bundles):
-        body.append(_BUNDLE_ENTRY.pack(peer, len(bundles[peer])) + bundles[peer])
-    return b"".join(body)
-
-
-def unpack_bundles(data: bytes) -> dict[int, bytes]:
-    """Inverse of :func:`pack_bundles`; raises FrameError on truncation, repeats or extra bytes."""
-    if len(data) < 2:
-        raise FrameError("a bundle list is truncated")
-    (count,) = struct.unpack_from(">H", data, 0)
-    out: dict[int, bytes] = {}
-    offset = 2
-    for _ in range(count):
-        if offset + _BUNDLE_ENTRY.size > len(data):
-            raise FrameError("a bundle list is truncated")
-        peer, length = _BUNDLE_ENTRY.unpack_from(data, offset)
-        offset += _BUNDLE_ENTRY.size
-        if peer in out or offset + length > len(data):
-            raise FrameError("a bundle list repeats a peer or is truncated")
-        out[peer] = bytes(data[offset : offset + length])
-        offset += length
-    if offset != len(data):
-        raise FrameError("a bundle list has trailing bytes")
     return out
 
 
@@ -178,7 +148,7 @@ def _recv(session: FrameSession, stage: str, timeout: float) -> Frame:
 
 
 class MaskingAverager:
-    """:class:`~silotune.split.averaging.AdapterAverager` through pairwise-mask secure aggregation.
+    """:class:`~silotune.split.averaging.AdapterAverager` through authenticated secure aggregation.
 
     Parameters
     ----------
@@ -186,127 +156,113 @@ class MaskingAverager:
         The silo's session with the coordinator.
     clip
         ``split.secagg_clip``: bound on each pre-weighted value (the same at every silo).
+    identity, enrollment, name
+        This silo's Ed25519 key, every silo's public identity, its enrolled name.
     """
 
-    def __init__(self, link: TrunkLink, clip: float) -> None:
+    def __init__(
+        self,
+        link: TrunkLink,
+        clip: float,
+        identity: IdentityKey,
+        enrollment: Enrollment,
+        name: str,
+    ) -> None:
         self.link = link
         self.clip = float(clip)
+        self.identity, self.enrollment, self.name = identity, enrollment, name
+        self.policy = SiloPolicy("masking", MIN_SILOS, self.clip)
+        self.history: dict[str, int] = {}  # job -> last round this silo contributed to
 
     def average(
         self, step: int, state: Mapping[str, torch.Tensor], examples: int
     ) -> dict[str, torch.Tensor]:
         """Return the example-weighted average of every live silo's ``state``.
 
-        ``examples`` is the count this silo announced at ``join``; the coordinator weighs by that.
+        ``examples`` is signed into this silo's keys; every silo weighs by the signed counts.
 
         Raises
         ------
         SplitError
             If the round fails (too few silos left, a protocol check fails, or a pre-weighted
-            value exceeds ``split.secagg_clip``).
+            value exceeds ``split.secagg_clip``), naming what was detected.
         """
-        del examples  # the coordinator weighs by the count of the join frame
         if not any(t.numel() for t in state.values()):
             raise SplitError(
                 "this silo has no adapter values to average; secure averaging needs at least one "
                 "(or set split.secure_averaging: none)"
             )
         try:
-            return self._round(step, state)
-        except (CryptoError, SplitError, ValueError) as exc:
+            return self._round(step, state, examples)
+        except (CryptoError, SilotuneError, ValueError) as exc:
             # Tell the coordinator at once, so the round goes on (or fails) without this silo.
             self.link.session.send_error(str(exc))
             if isinstance(exc, (FrameError, SplitError)):
                 raise
             raise SplitError(f"secure averaging at step {step} failed: {exc}") from None
 
-    def _round(self, step: int, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _round(
+        self, step: int, state: Mapping[str, torch.Tensor], examples: int
+    ) -> dict[str, torch.Tensor]:
         session, timeout, wire_step = self.link.session, self.link.timeout, self.link.step
         vector = flatten_state(state)  # (L,)
-        transport = sealing.new_transport_key()  # fresh per round, like the mask keys
-        hello = {
-            "length": int(vector.size),
-            "clip": self.clip,
-            "transport_pk": sealing.public_bytes(transport).hex(),
-        }
-        _send(session, wire_step, HELLO, meta=hello)
+        _send(session, wire_step, HELLO, meta={"length": int(vector.size), "clip": self.clip})
         reply = _recv(session, HELLO, timeout)
         if reply.meta.get("alone") is True:
             log.info("Step %d: the only live silo; its adapter is the average.", step)
             return {name: tensor.detach().clone() for name, tensor in state.items()}
-        config_bytes = _blob(reply)
-        config = SecAggConfig.from_bytes(config_bytes)
-        client = MaskingClient(_int(reply.meta, "secagg_id", 1 << 63))
-        if config.vector_length != vector.size or config.clip != self.clip:
-            raise SplitError(
-                f"the coordinator's round config has {config.vector_length} values and clip "
-                f"{config.clip}; this silo has {vector.size} values and split.secagg_clip "
-                f"{self.clip}"
-            )
-        peers = _peer_keys(reply.meta, config, client.silo_id)
-        pk_msg = client.setup(config_bytes)
+        party = MaskingSilo(self.policy, self.identity, self.enrollment, self.name, self.history)
+        out, incoming = party.advertise(_blob(reply), examples), b""
+        for stage, following in zip(STAGES, (*STAGES[1:], RESULT), strict=True):
+            if stage != ADVERTISE:
+                update = None
+                if stage == "masked_input":
+                    update = vector
+                    peak = float(np.abs(vector * party.weight).max()) if vector.size else 0.0
+                    if not math.isfinite(peak) or peak > self.clip:
+                        raise SplitError(
+                            f"an adapter value times its averaging weight is {peak:.4g}, outside "
+                            f"split.secagg_clip {self.clip}; raise split.secagg_clip (the same "
+                            "on every silo)"
+                        )
+                out = party.handle(stage, incoming, update=update)
+            _send(session, wire_step, stage, out)
+            frame = _recv_any(session, (following, DROPPED), timeout)
+            if frame.meta.get("stage") == DROPPED:
+                log.warning(
+                    "Step %d: left out of secure averaging round (%s); keeping this silo's "
+                    "adapter.",
+                    step,
+                    frame.meta.get("reason"),
+                )
+                return {name: tensor.detach().clone() for name, tensor in state.items()}
+            if following == RESULT:
+                return self._result(frame, state, step)
+            incoming = _blob(frame)
+        raise AssertionError("unreachable")
 
-        _send(session, wire_step, PUBLIC_KEY, pk_msg)
-        bundles = client.share_keys(_blob(_recv(session, PUBLIC_KEY, timeout)))
-        r = config.round_id
-        sealed = {
-            p: sealing.seal(transport, peers[p], PURPOSE_BUNDLE, r, b) for p, b in bundles.items()
-        }
-
-        _send(session, wire_step, SHARE_BUNDLES, pack_bundles(sealed))
-        reply = _recv(session, SHARE_BUNDLES, timeout)
-        weight = reply.meta.get("weight")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1:
-            raise FrameError(f"the averaging weight must be a number in (0, 1], got {weight!r}")
-        opened = {}
-        for sender, blob in unpack_bundles(_blob(reply)).items():
-            if sender not in peers:
-                raise FrameError(f"a share bundle came from silo {sender}, which is not a peer")
-            what = f"the share bundle from silo {sender}"
-            opened[sender] = sealing.open_sealed(
-                transport, peers[sender], PURPOSE_BUNDLE, r, blob, what
-            )
-        weighted = vector * float(weight)
-        peak = float(np.abs(weighted).max()) if weighted.size else 0.0
-        if not math.isfinite(peak) or peak > config.clip:
-            raise SplitError(
-                f"an adapter value times its averaging weight is {peak:.4g}, outside "
-                f"split.secagg_clip {config.clip}; raise split.secagg_clip (the same on every silo)"
-            )
-
-        _send(session, wire_step, MASKED_VECTOR, client.masked_update(opened, weighted))
-        reveal = client.unmask(_blob(_recv(session, MASKED_VECTOR, timeout)))
-
-        _send(session, wire_step, REVEAL, reveal)
-        reply = _recv(session, REVEAL, timeout)
-        average = reply.tensors.get("average")
+    @staticmethod
+    def _result(
+        frame: Frame, state: Mapping[str, torch.Tensor], step: int
+    ) -> dict[str, torch.Tensor]:
+        average = frame.tensors.get("average")
         if average is None or average.dtype != torch.float32 or average.dim() != 1:
             raise FrameError("the averaged adapter must be a float32 vector 'average'")
         if not bool(torch.isfinite(average).all()):
             raise FrameError("the averaged adapter holds NaN or infinite values")
-        log.debug("Step %d: securely averaged over %s silos.", step, reply.meta.get("silos"))
+        log.debug("Step %d: securely averaged over %s silos.", step, frame.meta.get("silos"))
         return unflatten_state(average.numpy(), state)
 
 
-def _int(meta: Mapping[str, Any], key: str, high: int) -> int:
-    value = meta.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < high:
-        raise FrameError(f"frame meta '{key}' must be an int in [0, {high}), got {value!r}")
-    return value
-
-
-def _peer_keys(meta: Mapping[str, Any], config: SecAggConfig, own: int) -> dict[int, bytes]:
-    """The peers' transport keys from the setup answer: one 32-byte key per other silo."""
-    raw = meta.get("peers")
-    if not isinstance(raw, dict):
-        raise FrameError("the setup answer must map each peer's id to its transport key")
-    try:
-        peers = {int(k): bytes.fromhex(v) for k, v in raw.items()}
-    except (TypeError, ValueError):
-        raise FrameError("the setup answer's transport keys must be hex strings") from None
-    if set(peers) != set(config.silo_ids) - {own} or any(len(k) != 32 for k in peers.values()):
-        raise FrameError("the setup answer must carry one 32-byte transport key per peer")
-    return peers
+def _recv_any(session: FrameSession, stages: tuple[str, ...], timeout: float) -> Frame:
+    frame = session.recv(timeout)
+    if frame.kind != KIND_SECAGG or frame.meta.get("stage") not in stages:
+        got = frame.meta.get("stage") if frame.kind == KIND_SECAGG else None
+        raise FrameError(
+            f"expected secure-averaging stage {stages[0]!r}, got a '{frame.kind}' frame"
+            + (f" of stage {got!r}" if got is not None else "")
+        )
+    return frame
 
 
 # --------------------------------------------------------------------------- coordinator
@@ -314,21 +270,10 @@ def _peer_keys(meta: Mapping[str, Any], config: SecAggConfig, own: int) -> dict[
 
 @dataclass
 class _Round:
-    """The coordinator's state of one secure-averaging round."""
+    """The coordinator's state of one secure-averaging round (shared by the silos' threads)."""
 
-    server: MaskingServer
-    ids: dict[str, int]  # silo name -> SecAgg id (1..k, by sorted name)
-    examples: dict[str, int]  # silo name -> training examples (its join count)
-    transport: dict[str, str]  # silo name -> its round transport public key (hex)
-    shared: list[str] = field(default_factory=list)  # sent share bundles (U2)
-    uploaded: list[str] = field(default_factory=list)  # sent a masked vector (U3)
-
-    @property
-    def config(self) -> SecAggConfig:
-        return self.server.config
-
-    def members(self) -> set[str]:
-        return set(self.ids)
+    driver: MaskingDriver[str]
+    members: set[str]
 
 
 class MaskedAveraging:
@@ -336,16 +281,20 @@ class MaskedAveraging:
 
     One per :class:`~silotune.split.trunk.TrunkService`; each silo's session thread calls
     :meth:`serve` when its ``hello`` arrives. Stages meet at the engine's roster (one rendezvous
-    per stage), so a silo that leaves mid-round is handled by the SecAgg dropout recovery.
+    per stage); the last silo to arrive advances the shared :class:`MaskingDriver`.
 
     Parameters
     ----------
     engine
-        The trunk engine: its roster (live silos, examples, rendezvous) and its ``after_sync``.
+        The trunk engine: its roster (live silos, rendezvous) and its ``after_sync``.
+    enrollment
+        The silos' public identities (the coordinator drops silos whose signatures fail).
     """
 
-    def __init__(self, engine: TrunkEngine) -> None:
+    def __init__(self, engine: TrunkEngine, enrollment: Enrollment | None = None) -> None:
         self.engine = engine
+        self.enrollment = enrollment
+        self.job = new_job_id()
         self.rounds = 0  # SecAgg round ids (bound into every message and mask stream)
 
     def serve(self, session: FrameSession, member: str, hello: Frame) -> None:
@@ -354,8 +303,8 @@ class MaskedAveraging:
         Raises
         ------
         FrameError, CryptoError
-            If this silo sent a malformed or invalid message (its session ends; the round goes
-            on without it if enough silos remain).
+            If this silo sent a malformed message (its session ends; the round goes on without
+            it if enough silos remain).
         SplitError
             If the round fails for every silo (too few silos left at a stage).
         """
@@ -365,61 +314,59 @@ class MaskedAveraging:
         if rnd is None:
             _send(session, step, HELLO, meta={"alone": True})
             return
-        own = rnd.ids[member]
-        peers = {str(rnd.ids[n]): pk for n, pk in rnd.transport.items() if n != member}
-        _send(session, step, HELLO, rnd.config.to_bytes(), {"secagg_id": own, "peers": peers})
-
-        pk_msg = _blob(_recv(session, PUBLIC_KEY, timeout))
         with roster.cond:
-            rnd.server.receive_public_key(pk_msg)
-        broadcast = self._stage(member, rnd, "secagg.keys", lambda _: rnd.server.key_broadcast())
-        _send(session, step, PUBLIC_KEY, broadcast)
+            first = rnd.driver.messages().get(member)
+        if first is None:
+            _send(session, step, DROPPED, meta={"reason": "not in the round"})
+            return
+        _send(session, step, HELLO, first)
+        for stage in STAGES:
+            reply = _blob(_recv(session, stage, timeout))
+            with roster.cond:
+                rnd.driver.receive(member, reply)
+            out = roster.gather(
+                f"secagg.{stage}",
+                member,
+                None,
+                lambda values: self._advance(rnd, values),
+                lambda: set(rnd.driver.active),
+            )
+            if isinstance(out, torch.Tensor):
+                silos = len(rnd.driver.result().contributors)
+                _send(session, step, RESULT, meta={"silos": silos}, tensors={"average": out})
+                return
+            if out is None:
+                reason = rnd.driver.dropped.get(member, "left out of the round")
+                _send(session, step, DROPPED, meta={"reason": reason[:500]})
+                return
+            _send(session, step, STAGES[STAGES.index(stage) + 1], out)
 
-        bundles = unpack_bundles(_blob(_recv(session, SHARE_BUNDLES, timeout)))
-        with roster.cond:
-            rnd.server.receive_bundles(own, bundles)
-            rnd.shared.append(member)
-        routed, weight = roster.gather(
-            "secagg.share", member, None, lambda v: self._route(rnd, v), rnd.members
-        )
-        _send(session, step, SHARE_BUNDLES, routed, {"weight": weight})
-
-        upload = _blob(_recv(session, MASKED_VECTOR, timeout))
-        with roster.cond:
-            rnd.server.receive_masked(upload)
-            rnd.uploaded.append(member)
-        request = self._stage(member, rnd, "secagg.masked", lambda _: rnd.server.unmask_request())
-        _send(session, step, MASKED_VECTOR, request)
-
-        reveal = _blob(_recv(session, REVEAL, timeout))
-        with roster.cond:
-            rnd.server.receive_reveal(reveal)
-        average = self._stage(member, rnd, "secagg.reveal", lambda _: self._finish(rnd))
-        _send(
-            session, step, REVEAL, meta={"silos": len(rnd.uploaded)}, tensors={"average": average}
-        )
-
-    def _stage(
-        self, member: str, rnd: _Round, point: str, make: Callable[[dict[str, Any]], Any]
-    ) -> Any:
-        """Meet the round's other silos at ``point``; the last one computes ``make`` for all."""
-
-        def combine(values: dict[str, Any]) -> dict[str, Any]:
-            try:
-                result = make(values)
-            except CryptoError as exc:
-                raise SplitError(
-                    f"secure averaging round {rnd.config.round_id} stopped: {exc} (the threshold "
-                    f"is a majority of the round's {len(rnd.ids)} silos)"
-                ) from None
-            return dict.fromkeys(values, result)
-
-        return self.engine.roster.gather(point, member, None, combine, rnd.members)
+    def _advance(self, rnd: _Round, values: dict[str, Any]) -> dict[str, Any]:
+        """The last silo at a stage's rendezvous checks the replies and prepares the next stage."""
+        driver = rnd.driver
+        try:
+            driver.advance()
+        except RoundFailed as exc:
+            raise SplitError(str(exc)) from None
+        if driver.done:
+            result = driver.result()
+            if result.dropped:
+                log.warning(
+                    "Secure averaging round %d: %s left out; averaged the other %d.",
+                    driver.config.round_id,
+                    ", ".join(sorted(result.dropped)),
+                    len(result.contributors),
+                )
+            self.engine.after_sync({n: float(c) for n, c in result.examples.items()})
+            average = torch.from_numpy(result.mean)
+            return dict.fromkeys(values, average)
+        messages = driver.messages()
+        return {m: messages.get(m) for m in values}
 
     def _setup(self, offers: dict[str, dict[str, Any]]) -> dict[str, _Round | None]:
-        """First rendezvous: fix the roster, ids and config (or tell a lone silo to skip)."""
+        """First rendezvous: fix the roster and the round (or tell a lone silo to skip)."""
         names = sorted(offers)
-        if len(names) < 2:
+        if len(names) < MIN_SILOS:
             return dict.fromkeys(names, None)
         for key in ("length", "clip"):
             values = {n: offers[n][key] for n in names}
@@ -431,54 +378,24 @@ class MaskedAveraging:
         if len(names) > MAX_SILOS:
             raise SplitError(f"secure averaging takes at most {MAX_SILOS} silos, got {len(names)}")
         self.rounds += 1
-        ids = {n: i + 1 for i, n in enumerate(names)}
-        config = SecAggConfig(
-            self.rounds,
-            tuple(ids.values()),
-            len(names) // 2 + 1,
-            offers[names[0]]["length"],
-            offers[names[0]]["clip"],
-        )
-        examples = {n: self.engine.roster.examples[n] for n in names}
-        transport = {n: offers[n]["transport_pk"] for n in names}
-        rnd = _Round(MaskingServer(config), ids, examples, transport)
-        log.info("Secure averaging round %d: %d silos.", self.rounds, len(names))
-        return dict.fromkeys(names, rnd)
-
-    def _route(self, rnd: _Round, values: dict[str, Any]) -> dict[str, tuple[bytes, float]]:
-        """Route every contributor its sealed bundles, with its weight over the silos in ``U2``."""
-        total = sum(rnd.examples[n] for n in rnd.shared)
-        out = {}
-        for name in values:
-            try:
-                routed = rnd.server.bundles_for(rnd.ids[name])
-            except CryptoError as exc:
-                raise SplitError(
-                    f"secure averaging round {rnd.config.round_id} stopped: {exc}"
-                ) from None
-            out[name] = (pack_bundles(routed), rnd.examples[name] / total)
-        return out
-
-    def _finish(self, rnd: _Round) -> torch.Tensor:
-        """Unmask the sum of ``w_i x_i`` over the uploaders and rescale it to their average."""
-        total = rnd.server.aggregate()  # sum over U3 of (n_i / N_U2) * x_i, float32 (L,)
-        n_shared = sum(rnd.examples[n] for n in rnd.shared)
-        n_in = sum(rnd.examples[n] for n in rnd.uploaded)
-        average = (total.astype(np.float64) * (n_shared / n_in)).astype(np.float32)
-        dropped = sorted(set(rnd.ids) - set(rnd.uploaded))
-        if dropped:
-            log.warning(
-                "Secure averaging round %d: %s left before uploading; averaged the other %d.",
-                rnd.config.round_id,
-                ", ".join(dropped),
-                len(rnd.uploaded),
+        try:
+            driver: MaskingDriver[str] = MaskingDriver(
+                self.job,
+                self.rounds,
+                names,
+                offers[names[0]]["length"],
+                offers[names[0]]["clip"],
+                min_silos=MIN_SILOS,
+                enrollment=self.enrollment,
             )
-        self.engine.after_sync({n: float(rnd.examples[n]) for n in rnd.uploaded})
-        return torch.from_numpy(average)
+        except RoundFailed as exc:
+            raise SplitError(str(exc)) from None
+        log.info("Secure averaging round %d: %d silos.", self.rounds, len(names))
+        return dict.fromkeys(names, _Round(driver, set(names)))
 
 
 def _offer(hello: Frame) -> dict[str, Any]:
-    """A silo's validated ``hello``: vector length, clip and transport public key."""
+    """A silo's validated ``hello``: vector length and clip."""
     if hello.meta.get("stage") != HELLO:
         raise FrameError(
             f"a secure-averaging round starts with stage '{HELLO}', got {hello.meta.get('stage')!r}"
@@ -489,11 +406,11 @@ def _offer(hello: Frame) -> dict[str, Any]:
         raise FrameError(f"frame meta 'clip' must be a finite number, got {clip!r}")
     if length < 1 or clip <= 0:
         raise FrameError("a secure-averaging hello needs length >= 1 and clip > 0")
-    pk = hello.meta.get("transport_pk")
-    if not isinstance(pk, str) or len(pk) != 64:
-        raise FrameError("frame meta 'transport_pk' must be 64 hex characters")
-    try:
-        bytes.fromhex(pk)
-    except ValueError:
-        raise FrameError("frame meta 'transport_pk' must be 64 hex characters") from None
-    return {"length": length, "clip": float(clip), "transport_pk": pk}
+    return {"length": length, "clip": float(clip)}
+
+
+def _int(meta: Mapping[str, Any], key: str, high: int) -> int:
+    value = meta.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < high:
+        raise FrameError(f"frame meta '{key}' must be an int in [0, {high}), got {value!r}")
+    return value

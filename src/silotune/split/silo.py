@@ -40,6 +40,7 @@ from silotune.train.loop import Batch, causal_lm_loss
 
 if TYPE_CHECKING:
     from silotune.config import JobConfig
+    from silotune.crypto.identity import Enrollment, IdentityKey
     from silotune.split.averaging import AdapterAverager
 
 __all__ = ["CoordinatorAverager", "LMOutput", "SplitSilo", "TrunkLink", "make_averager"]
@@ -237,15 +238,28 @@ class CoordinatorAverager:
         return self.link.sync(state, examples)
 
 
-def make_averager(cfg: JobConfig, link: TrunkLink) -> AdapterAverager:
+def make_averager(
+    cfg: JobConfig,
+    link: TrunkLink,
+    identity: IdentityKey | None = None,
+    enrollment: Enrollment | None = None,
+    name: str | None = None,
+) -> AdapterAverager:
     """The silo-adapter averager ``split.secure_averaging`` asks for (call it before ``join``).
 
     The link announces the choice in its ``join`` frame, so the coordinator can refuse a silo
-    that averages differently from the others.
+    that averages differently from the others. ``masking`` needs this silo's identity key and the
+    enrollment: every peer key of a round must be signed by an enrolled silo.
     """
     link.averaging = cfg.split.secure_averaging
     if link.averaging == "masking":
-        return MaskingAverager(link, cfg.split.secagg_clip)
+        if identity is None or enrollment is None:
+            raise SplitError(
+                "split.secure_averaging masking needs this silo's identity key and the "
+                "enrollment (split.keys_dir/enrollment.json) to check its peers' keys"
+            )
+        name = name or cfg.split.silo_name
+        return MaskingAverager(link, cfg.split.secagg_clip, identity, enrollment, name)
     return CoordinatorAverager(link)
 
 

@@ -163,7 +163,7 @@ class TrunkService:
             raise ValueError(
                 f"averaging must be None or one of {AVERAGING}, got {self.averaging!r}"
             )
-        self.secure = MaskedAveraging(self.engine)
+        self.secure = MaskedAveraging(self.engine, self.enrollment)
 
     @property
     def timeout(self) -> float:
