@@ -71,11 +71,12 @@ def divergence(
 
 
 def _secure_sums(
-    xs: list[NDArray[np.float32]], weights: list[float], clip: float
+    xs: list[NDArray[np.float32]], examples: list[int], clip: float
 ) -> dict[str, NDArray[np.float32]]:
     """The weighted sum of the same updates: plain (float64), masked, and HE-encrypted."""
+    weights = [n / sum(examples) for n in examples]
     plain = np.sum([w * x.astype(np.float64) for x, w in zip(xs, weights, strict=True)], axis=0)
-    _, masked, _ = masking_round(xs, weights=weights, clip=clip)
+    _, masked, _ = masking_round(xs, examples=examples, clip=clip)
     keys = ckks.CkksKeys.generate(ckks.CkksParams(clip=clip))
     cts = [ckks.encrypt_update(keys, x, w) for x, w in zip(xs, weights, strict=True)]
     he = ckks.decrypt_aggregate(keys, ckks.aggregate(keys.serialize_public(), cts), xs[0].size)
@@ -97,9 +98,7 @@ def paired_last_round(cfg: JobConfig) -> dict[str, dict[str, float]]:
     set_adapter_state(job.model, tensors)
     start = flatten(job.model)
     results = [silo.local_round(cfg, p, start, last, None, None)[0] for p in range(fed.silos)]
-    total = sum(r.examples for r in results)
-    weights = [r.examples / total for r in results]
-    sums = _secure_sums([r.values for r in results], weights, fed.secagg_clip)
+    sums = _secure_sums([r.values for r in results], [r.examples for r in results], fed.secagg_clip)
     out: dict[str, dict[str, float]] = {}
     for name, mean in sums.items():
         step = (np.float32(fed.effective_server_lr) * mean).astype(np.float32)

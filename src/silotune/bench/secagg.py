@@ -29,12 +29,17 @@ from numpy.typing import NDArray
 from rich.console import Console
 from rich.table import Table
 
-from silotune.crypto import box as sealing
-from silotune.crypto import ckks, masking, prg
+from silotune.crypto import box, ckks, masking, prg
+from silotune.crypto.identity import Enrollment, IdentityKey
+from silotune.secagg.masking_common import MASKED_INPUT
+from silotune.secagg.masking_driver import MaskingDriver
+from silotune.secagg.masking_silo import MaskingSilo, new_job_id
+from silotune.secagg.policy import SiloPolicy
 
 FULL_PARAMS = 4_194_304
 QUICK_PARAMS = 262_144
 WEIGHTS = (0.1, 0.2, 0.3, 0.4)
+EXAMPLES = (1, 2, 3, 4)  # signed example counts whose FedAvg weights are WEIGHTS
 CLIP = 0.25
 TENSOR = 131_072  # FedShield encrypts one vector per tensor; this is one q/v LoRA factor slice
 
@@ -69,68 +74,146 @@ def _plain(xs: list[NDArray[np.float32]], want: NDArray[np.float64]) -> dict[str
 def masking_round(
     xs: list[NDArray[np.float32]],
     drop_before_upload: int | None = None,
-    weights: Sequence[float] = WEIGHTS,
+    examples: Sequence[int] = EXAMPLES,
     clip: float = CLIP,
 ) -> tuple[dict[str, float], NDArray[np.float32], int]:
-    """One SecAgg round over the protocol messages; returns (timings, weighted sum, upload bytes).
+    """One authenticated SecAgg round through the secagg driver and real silos.
 
-    Silo ``i`` (1-based) uploads ``weights[i - 1] * xs[i - 1]``; `clip` is the fixed-point range.
+    Silo ``i`` (1-based, enrolled as ``silo-{i-1}``) holds ``examples[i - 1]`` examples; the
+    result is the example-weighted mean of the contributors' updates. Returns (timings, mean,
+    bytes of one masked upload); timings include signing and verifying every key, bundle and
+    view.
+    """
+    keys = {f"silo-{i}": IdentityKey.generate() for i in range(len(xs))}
+    enrollment = Enrollment({n: k.public for n, k in keys.items()})
+    policy = SiloPolicy("masking", 2, clip)
+    names = sorted(keys)
+    silos = {n: MaskingSilo(policy, keys[n], enrollment, n) for n in names}
+    driver: MaskingDriver[str] = MaskingDriver(
+        new_job_id(), 1, names, xs[0].size, clip, enrollment=enrollment
+    )
+    silo_s = dict.fromkeys(names, 0.0)
+    coordinator_s = 0.0
+    gone = names[drop_before_upload - 1] if drop_before_upload is not None else None
+
+    def carry(stage: str, messages: dict[str, bytes]) -> tuple[dict[str, bytes], dict[str, str]]:
+        nonlocal coordinator_s
+        replies = {}
+        for name, message in messages.items():
+            if name == gone and stage == MASKED_INPUT:
+                continue
+            i = names.index(name)
+            t0 = time.perf_counter()
+            replies[name] = silos[name].handle(stage, message, examples=examples[i], update=xs[i])
+            silo_s[name] += time.perf_counter() - t0
+        return replies, {}
+
+    while not driver.done:
+        replies, failed = carry(driver.stage, driver.messages())
+        t0 = time.perf_counter()
+        for name, reply in replies.items():
+            driver.receive(name, reply)
+        driver.advance()
+        coordinator_s += time.perf_counter() - t0
+    result = driver.result()
+    contributors = result.contributors
+    timings = {
+        "encode_s": sum(silo_s[n] for n in contributors) / len(contributors),
+        "aggregate_s": coordinator_s,
+        "decode_s": 0.0,  # decoding is inside the coordinator's unmasking
+    }
+    return timings, result.mean, int(result.upload_bytes)
+
+
+def auth_cost(length: int, clip: float = CLIP) -> dict[str, float]:
+    """What signatures and the consistency check add to one round (4 silos, same vectors).
+
+    Runs the bare protocol objects (no signatures, no consistency round) and the authenticated
+    driver on the same updates; reports the extra silo and coordinator time and the extra bytes
+    each silo sends and receives (every message but the masked vector itself).
+    """
+    xs = make_updates(length)
+    t0 = time.perf_counter()
+    bare_bytes = _bare_round(xs, clip)
+    bare = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _, _, upload = masking_round(xs, clip=clip)
+    full = time.perf_counter() - t0
+    return {
+        "bare_round_s": bare,
+        "authenticated_round_s": full,
+        "extra_ms_per_round": 1000 * (full - bare),
+        **bare_bytes,
+        **_message_bytes(xs, clip),
+    }
+
+
+def _bare_round(xs: list[NDArray[np.float32]], clip: float) -> dict[str, float]:
+    """The unauthenticated protocol objects alone (the pre-issue-10 round), as a baseline.
+
+    Returns the bytes one silo sends and receives per round besides the masked vector.
     """
     ids = tuple(range(1, len(xs) + 1))
     config = masking.SecAggConfig(0, ids, len(ids) // 2 + 1, xs[0].size, clip)
     server = masking.MaskingServer(config)
     clients = {i: masking.MaskingClient(i) for i in ids}
-    transport = {i: sealing.new_transport_key() for i in ids}
-    pks = {i: sealing.public_bytes(k) for i, k in transport.items()}
-    silo_s = dict.fromkeys(ids, 0.0)
-
-    def timed(i: int, fn: Any, *args: Any) -> Any:
-        t0 = time.perf_counter()
-        out = fn(*args)
-        silo_s[i] += time.perf_counter() - t0
-        return out
-
+    transport = {i: box.new_transport_key() for i in ids}
+    pks = {i: box.public_bytes(k) for i, k in transport.items()}
+    sent = received = 0
     for i in ids:
-        server.receive_public_key(timed(i, clients[i].setup, config.to_bytes()))
+        received += len(config.to_bytes())
+        message = clients[i].setup(config.to_bytes())
+        sent += len(message) + 32  # with the transport key beside it
+        server.receive_public_key(message)
     broadcast = server.key_broadcast()
-
-    def share(i: int) -> dict[int, bytes]:
-        bundles = clients[i].share_keys(broadcast)
-        return {p: sealing.seal(transport[i], pks[p], b"bench", 0, b) for p, b in bundles.items()}
-
     for i in ids:
-        server.receive_bundles(i, timed(i, share, i))
-
-    def upload(i: int) -> bytes:
+        received += len(broadcast) + 32 * (len(ids) - 1)  # and the peers' transport keys
+        bundles = clients[i].share_keys(broadcast)
+        sealed = {p: box.seal(transport[i], pks[p], b"bench", 0, b) for p, b in bundles.items()}
+        sent += sum(len(b) for b in sealed.values())
+        server.receive_bundles(i, sealed)
+    for i in ids:
+        routed = server.bundles_for(i)
+        received += sum(len(b) for b in routed.values())
         opened = {
-            s: sealing.open_sealed(transport[i], pks[s], b"bench", 0, b, "bundle")
-            for s, b in server.bundles_for(i).items()
+            s: box.open_sealed(transport[i], pks[s], b"bench", 0, b, "bundle")
+            for s, b in routed.items()
         }
-        weighted = (xs[i - 1].astype(np.float64) * weights[i - 1]).astype(np.float32)
-        return bytes(clients[i].masked_update(opened, weighted))
-
-    survivors = [i for i in ids if i != drop_before_upload]
-    uploads = {i: timed(i, upload, i) for i in survivors}
-    t0 = time.perf_counter()
-    for i in survivors:
-        server.receive_masked(uploads[i])
+        weighted = (xs[i - 1] * WEIGHTS[i - 1]).astype(np.float32)
+        upload = clients[i].masked_update(opened, weighted)
+        sent += 30  # the upload's header
+        server.receive_masked(upload)
     request = server.unmask_request()
-    aggregate = time.perf_counter() - t0
-    reveals = [timed(i, clients[i].unmask, request) for i in survivors]
-    t0 = time.perf_counter()
-    for reveal in reveals:
+    for i in ids:
+        received += len(request)
+        reveal = clients[i].unmask(request)
+        sent += len(reveal)
         server.receive_reveal(reveal)
-    total = server.aggregate()
-    aggregate += time.perf_counter() - t0  # coordinator time only (silos' reveals excluded)
-    t0 = time.perf_counter()
-    config.codec.decode_sum(np.zeros(xs[0].size, dtype=np.uint32), n_terms=len(survivors))
-    decode = time.perf_counter() - t0
-    timings = {
-        "encode_s": sum(silo_s[i] for i in survivors) / len(survivors),
-        "aggregate_s": aggregate,
-        "decode_s": decode,
-    }
-    return timings, total, len(uploads[survivors[0]])
+    server.aggregate()
+    n = len(ids)
+    return {"bare_bytes_sent_per_silo": sent / n, "bare_bytes_received_per_silo": received / n}
+
+
+def _message_bytes(xs: list[NDArray[np.float32]], clip: float) -> dict[str, float]:
+    """Bytes per silo per round beyond the masked vector: authenticated vs bare protocol."""
+    small = [x[:1] for x in xs]  # message sizes other than the vector do not depend on length
+    keys = {f"silo-{i}": IdentityKey.generate() for i in range(len(small))}
+    enrollment = Enrollment({n: k.public for n, k in keys.items()})
+    names = sorted(keys)
+    silos = {n: MaskingSilo(SiloPolicy("masking", 2, clip), keys[n], enrollment, n) for n in names}
+    driver: MaskingDriver[str] = MaskingDriver(new_job_id(), 1, names, 1, clip)
+    sent = received = 0
+    while not driver.done:
+        for name, message in driver.messages().items():
+            i = names.index(name)
+            reply = silos[name].handle(driver.stage, message, examples=EXAMPLES[i], update=small[i])
+            received += len(message)
+            # the masked vector's own 4 bytes (one value here) are not protocol overhead
+            sent += len(reply) - (4 if driver.stage == MASKED_INPUT else 0)
+            driver.receive(name, reply)
+        driver.advance()
+    n = len(names)
+    return {"auth_bytes_sent_per_silo": sent / n, "auth_bytes_received_per_silo": received / n}
 
 
 def _masking(xs: list[NDArray[np.float32]], want: NDArray[np.float64]) -> dict[str, float]:
@@ -217,7 +300,10 @@ def run(quick: bool, console: Console) -> dict[str, Any]:
     console.log("secagg: masking with one silo lost before upload")
     dropped, total, _ = masking_round(xs, drop_before_upload=4)
     want3 = sum(x.astype(np.float64) * w for x, w in zip(xs[:3], WEIGHTS[:3], strict=True))
+    want3 = want3 / sum(WEIGHTS[:3])  # the weighted mean over the three contributors
     dropped_err = float(np.abs(total - want3).max())
+    console.log("secagg: cost of signatures and the consistency check")
+    auth = auth_cost(length)
     console.log("secagg: fedshield_baseline")
     results["fedshield_baseline"] = _fedshield(xs)
 
@@ -251,4 +337,19 @@ def run(quick: bool, console: Console) -> dict[str, Any]:
         "includes unmasking and decoding; fedshield_baseline's error is against the unweighted "
         "mean it computes."
     )
-    return {"bench": "secagg", "params": length, "silos": len(xs), "results": results}
+    console.print(
+        f"active-adversary protections (signed keys, bundles and views; consistency round), "
+        f"4 silos: a whole masking round {auth['bare_round_s']:.3f} s bare vs "
+        f"{auth['authenticated_round_s']:.3f} s authenticated ({auth['extra_ms_per_round']:+.0f} "
+        f"ms); bytes per silo per round besides the masked vector: "
+        f"{auth['auth_bytes_sent_per_silo']:.0f} sent, {auth['auth_bytes_received_per_silo']:.0f} "
+        f"received (bare: {auth['bare_bytes_sent_per_silo']:.0f} and "
+        f"{auth['bare_bytes_received_per_silo']:.0f})."
+    )
+    return {
+        "bench": "secagg",
+        "params": length,
+        "silos": len(xs),
+        "results": results,
+        "authentication": auth,
+    }
