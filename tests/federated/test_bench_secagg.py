@@ -12,7 +12,7 @@ from silotune.bench import secagg
 def test_quick_secagg_benchmark_schema_and_targets() -> None:
     console = Console(file=io.StringIO(), width=120)
     result = secagg.run(quick=True, console=console)
-    assert set(result) == {"bench", "params", "silos", "results"}
+    assert set(result) == {"bench", "params", "silos", "results", "authentication"}
     assert result["bench"] == "secagg" and result["silos"] == 4
     assert result["params"] == secagg.QUICK_PARAMS
     methods = result["results"]
@@ -26,3 +26,8 @@ def test_quick_secagg_benchmark_schema_and_targets() -> None:
     for name in ("masking", "ckks"):
         assert methods[name]["max_abs_err"] <= 1e-4
     assert "bench secagg" in console.file.getvalue()
+    auth = result["authentication"]
+    # Signatures and the consistency round cost something, measured against the bare protocol.
+    assert auth["authenticated_round_s"] > 0 and auth["bare_round_s"] > 0
+    assert auth["auth_bytes_sent_per_silo"] > auth["bare_bytes_sent_per_silo"] > 0
+    assert auth["auth_bytes_received_per_silo"] > auth["bare_bytes_received_per_silo"] > 0

@@ -429,7 +429,9 @@ def test_fedadam_server_step_moves_each_value_by_server_lr_along_the_mean_update
 
 
 @pytest.mark.parametrize("lie", ["times10", "nan"])
-def test_a_lying_decrypter_is_caught_and_the_round_uses_honest_ones(tmp_path: Path, plain, caplog, lie):
+def test_a_lying_decrypter_is_caught_and_the_round_uses_honest_ones(
+    tmp_path: Path, plain, caplog, lie
+):
     """Issue 10, finding 5: a decrypting silo returned sum x 10 or NaN and it was accepted."""
     _, want, _ = plain
 
@@ -445,3 +447,18 @@ def test_a_lying_decrypter_is_caught_and_the_round_uses_honest_ones(tmp_path: Pa
     assert "silo node 1000 returned a bad sum" in caplog.text
     tol = ckks.CkksParams(clip=CLIP).codec.sum_tolerance(3)
     assert np.abs(adapter(cfg) - want).max() <= tol + 1e-7
+
+
+def test_a_deployed_silo_trains_on_all_of_its_own_data(tmp_path: Path) -> None:
+    """Issue 10, finding 7: deployment applied the simulation's partition to a silo's own data."""
+    simulated = make_cfg(tmp_path, "sim", silos=3)
+    deployed = simulated.model_copy(
+        update={"federation": simulated.federation.model_copy(update={"simulation": False})},
+        deep=True,
+    )
+    job = silo.local_job(simulated)
+    total = len(job.stream.examples)
+    part, _ = silo.local_round(simulated, 1, flatten(job.model), 1, None, None)
+    everything, _ = silo.local_round(deployed, 1, flatten(job.model), 1, None, None)
+    assert part.examples < total // 2
+    assert everything.examples == total

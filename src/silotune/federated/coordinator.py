@@ -142,7 +142,7 @@ class Coordinator:
         metrics = MetricsLog(out / METRICS_FILE, keep_until_step=start if self.resume else None)
         nodes = self._nodes()
         if fed.secure_aggregation == "ckks":
-            self.he = protocols.he_setup(self.grid, nodes, fed)
+            self.he = protocols.he_setup(self.grid, nodes, fed, self.job_id)
             nodes = self.he.holders
         clock = time.perf_counter()
         bar = Progress(

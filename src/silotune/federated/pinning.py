@@ -13,11 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from silotune.crypto import statements
 from silotune.crypto.exceptions import AuthenticationError
 from silotune.crypto.identity import Enrollment, IdentityKey
+from silotune.crypto.x25519 import check_public_key
 from silotune.errors import ConfigError
 
-_STATEMENT = b"silotune/federated/transport-key/v1|"
+_PURPOSE = "federated/transport-key"  # signed with the job id: no reuse across jobs
 
 
 @dataclass
@@ -59,14 +61,15 @@ class SiloTrust:
     def enabled(self) -> bool:
         return self.key is not None
 
-    def sign(self, transport_pk: bytes) -> tuple[str, bytes]:
-        """(enrolled name, signature of the transport key), or ("", b"") without identities."""
+    def sign(self, transport_pk: bytes, job: bytes) -> tuple[str, bytes]:
+        """(enrolled name, signature of the transport key for ``job``), or ("", b"")."""
         if self.key is None:
             return "", b""
-        return self.name, self.key.sign(_STATEMENT + transport_pk)
+        fields = {"name": self.name, "key": transport_pk}
+        return self.name, statements.sign(self.key, _PURPOSE, job, 0, fields)
 
-    def verify(self, peers: dict[int, tuple[str, bytes, bytes]], what: str) -> None:
-        """Check every peer's (name, transport key, signature); names must be distinct."""
+    def verify(self, peers: dict[int, tuple[str, bytes, bytes]], what: str, job: bytes) -> None:
+        """Check every peer's (name, transport key, signature) for ``job``; names distinct."""
         if self.enrollment is None:
             return
         names = [name for name, _, _ in peers.values()]
@@ -76,7 +79,9 @@ class SiloTrust:
             if not name or not sig:
                 raise AuthenticationError(f"{what}: the transport key of peer {peer} is unsigned")
             try:
-                self.enrollment.get(name).verify(sig, _STATEMENT + pk)
+                check_public_key(pk, f"{what}: the transport key of peer {peer}")
+                fields = {"name": name, "key": pk}
+                statements.verify(self.enrollment.get(name), sig, _PURPOSE, job, 0, fields, what)
             except AuthenticationError:
                 raise AuthenticationError(
                     f"{what}: the transport key of peer {peer} is not signed by enrolled silo "

@@ -251,10 +251,11 @@ def _peer_records(body: RecordDict, peers: dict[int, tuple[str, bytes, bytes]]) 
     return body
 
 
-def he_setup(grid: Grid, nodes: list[int], fed: FederationConfig) -> HeSetup:
+def he_setup(grid: Grid, nodes: list[int], fed: FederationConfig, job: bytes) -> HeSetup:
     """Key leader makes the keys; peers get the secret sealed to their signed X25519 keys via us."""
     timeout = fed.round_timeout_s
-    replies, dropped = exchange(grid, {n: records() for n in nodes}, silo.HELLO, 0, timeout)
+    hello = {n: records(job=job.hex()) for n in nodes}
+    replies, dropped = exchange(grid, hello, silo.HELLO, 0, timeout)
     tpks, examples = {}, {}
     for node, reply in replies.items():
         try:
@@ -268,7 +269,8 @@ def he_setup(grid: Grid, nodes: list[int], fed: FederationConfig) -> HeSetup:
     _need(tpks, fed, "hello", 0)
     leader = min(tpks)
     body = _peer_records(
-        records(clip=fed.secagg_clip), {n: k for n, k in tpks.items() if n != leader}
+        records(clip=fed.secagg_clip, job=job.hex()),
+        {n: k for n, k in tpks.items() if n != leader},
     )
     answer, failed = exchange(grid, {leader: body}, silo.HE_KEYGEN, 0, timeout)
     if leader not in answer:
@@ -283,7 +285,7 @@ def he_setup(grid: Grid, nodes: list[int], fed: FederationConfig) -> HeSetup:
     installs: dict[int, RecordDict] = {}
     for node in tpks:
         if node != leader and str(node) in sealed:
-            install = records({"sealed": to_array(sealed[str(node)].numpy())})
+            install = records({"sealed": to_array(sealed[str(node)].numpy())}, job=job.hex())
             installs[node] = _peer_records(install, {leader: tpks[leader]})
     installed, _ = exchange(grid, installs, silo.HE_INSTALL, 0, timeout)
     holders = [leader] + sorted(installed)

@@ -250,10 +250,21 @@ def _summary(result: LocalResult) -> dict[str, Any]:
     return {"examples": result.examples, "loss": result.loss, "update_norm": result.update_norm}
 
 
-def _signed_key(context: Context, trust: SiloTrust) -> tuple[dict[str, Any], str]:
+def _job_id(content: RecordDict) -> bytes:
+    """The job id the coordinator named (bound into every signature of the job)."""
+    try:
+        job = bytes.fromhex(str(get_config(content).get("job", "")))
+    except ValueError:
+        job = b""
+    if len(job) != 16:
+        raise FederationError("the coordinator's message lacks a 16-byte 'job' id")
+    return job
+
+
+def _signed_key(context: Context, trust: SiloTrust, job: bytes) -> tuple[dict[str, Any], str]:
     """This silo's transport public key and its identity signature, as reply arrays + name."""
     tpk = sealing.public_bytes(transport_key(context))
-    name, sig = trust.sign(tpk)
+    name, sig = trust.sign(tpk, job)
     return {"transport_pk": to_array(tpk), "transport_sig": to_array(sig)}, name
 
 
@@ -266,7 +277,7 @@ def peer_table(content: RecordDict, what: str, trust: SiloTrust) -> dict[int, by
     for key in pks:
         sig = sigs[key].numpy().tobytes() if key in sigs else b""
         table[int(key)] = (str(names.get(key, "")), pks[key].numpy().tobytes(), sig)
-    trust.verify(table, what)
+    trust.verify(table, what, _job_id(content))
     return {peer: pk for peer, (_, pk, _) in table.items()}
 
 
@@ -317,7 +328,7 @@ def handle(
         return records({"update": to_array(result.values)}, **_summary(result))
     if action == HELLO:
         _, stream = _stream(cfg, _partition(context))
-        arrays, name = _signed_key(context, trust)
+        arrays, name = _signed_key(context, trust, _job_id(content))
         return records(arrays, examples=len(stream.examples), identity=name)
     if action == HE_KEYGEN:
         return _he_keygen(content, context, trust)
@@ -385,7 +396,7 @@ def _he_train(cfg: JobConfig, message: Message, context: Context, trust: SiloTru
     weight = conf.get("weight")
     if isinstance(weight, bool) or not isinstance(weight, float) or not 0 < weight <= 1:
         raise FederationError(f"the round's weight must be a number in (0, 1], got {weight!r}")
-    job = bytes.fromhex(str(conf.get("job", "")))
+    job = _job_id(message.content)
     result, round_no = _train_from(message, context, cfg)
     blob = ckks.encrypt_update(_he_keys(context), result.values, weight)
     item = Contribution.sign(trust.key, job, round_no, trust.name, blob, result.examples, weight)
