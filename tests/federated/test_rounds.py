@@ -312,70 +312,59 @@ def _deployed_silos(tmp_path: Path, cfg: JobConfig, identities: bool) -> list[Pa
     return paths
 
 
-def test_deployment_app_reads_each_silo_config_from_its_node_config(tmp_path: Path) -> None:
+def _deployed_grid(tmp_path: Path, cfg: JobConfig, identities: bool):
+    """An in-process grid of deployed silos, each reading its own YAML (see _deployed_silos)."""
     from flwr.app import RecordDict
 
-    from silotune.federated.coordinator import Coordinator
     from silotune.federated.silo import make_client_app
-    from silotune.train.trainer import prepare_output_dir
-    from tests.federated.harness import InProcessGrid, flower_identity
+    from tests.federated.harness import InProcessGrid
 
-    cfg = make_cfg(tmp_path, "deploy", secure_aggregation="masking")
-    paths = _deployed_silos(tmp_path, cfg, identities=True)
-    grid = InProcessGrid(make_client_app(None), 3)
+    paths = _deployed_silos(tmp_path, cfg, identities)
+    grid = InProcessGrid(make_client_app(None), cfg.federation.silos)
     for node, context in grid.contexts.items():
         context.node_config = {"partition-id": node - 1000, "config": str(paths[node - 1000])}
         context.state = RecordDict()
+    return grid
+
+
+def _coordinate(cfg: JobConfig, grid) -> None:
+    """Run a coordinator of ``cfg`` over ``grid`` (a fresh output folder)."""
+    from silotune.federated.coordinator import Coordinator
+    from silotune.train.trainer import prepare_output_dir
+    from tests.federated.harness import flower_identity
+
     prepare_output_dir(cfg, resume=False, overwrite=True)
     with flower_identity():
-        Coordinator(cfg, grid, resume=False, progress=False).run()  # type: ignore[arg-type]
+        Coordinator(cfg, grid, resume=False, progress=False).run()
+
+
+def test_deployment_app_reads_each_silo_config_from_its_node_config(tmp_path: Path) -> None:
+    from silotune.federated.silo import make_client_app
+    from tests.federated.harness import InProcessGrid
+
+    cfg = make_cfg(tmp_path, "deploy", secure_aggregation="masking")
+    _coordinate(cfg, _deployed_grid(tmp_path, cfg, identities=True))
     assert (cfg.output_dir / "summary.json").is_file()
     bare_cfg = make_cfg(tmp_path, "bare", silos=2)
-    prepare_output_dir(bare_cfg, resume=False, overwrite=True)
     bare = InProcessGrid(make_client_app(None), 2)  # SuperNodes started without a job config
-    with flower_identity(), pytest.raises(FederationError, match=r"only 0 silo\(s\) completed"):
-        Coordinator(bare_cfg, bare, resume=False, progress=False).run()  # type: ignore[arg-type]
+    with pytest.raises(FederationError, match=r"only 0 silo\(s\) completed"):
+        _coordinate(bare_cfg, bare)
 
 
 def test_a_deployed_silo_without_identity_refuses_secure_aggregation(tmp_path: Path, caplog):
-    from flwr.app import RecordDict
-
-    from silotune.federated.coordinator import Coordinator
-    from silotune.federated.silo import make_client_app
-    from silotune.train.trainer import prepare_output_dir
-    from tests.federated.harness import InProcessGrid, flower_identity
-
     cfg = make_cfg(tmp_path, "noid", secure_aggregation="masking")
-    paths = _deployed_silos(tmp_path, cfg, identities=False)
-    grid = InProcessGrid(make_client_app(None), 3)
-    for node, context in grid.contexts.items():
-        context.node_config = {"partition-id": node - 1000, "config": str(paths[node - 1000])}
-        context.state = RecordDict()
-    prepare_output_dir(cfg, resume=False, overwrite=True)
-    with caplog.at_level(logging.WARNING), flower_identity(), pytest.raises(FederationError):
-        Coordinator(cfg, grid, resume=False, progress=False).run()  # type: ignore[arg-type]
+    grid = _deployed_grid(tmp_path, cfg, identities=False)
+    with caplog.at_level(logging.WARNING), pytest.raises(FederationError):
+        _coordinate(cfg, grid)
     assert "a deployed silo needs federation.identity_key and federation.enrollment" in caplog.text
 
 
 def test_a_silo_refuses_a_plain_round_when_its_config_demands_masking(tmp_path: Path, caplog):
     """Issue 10, finding 6: the coordinator chose the protection; now each silo enforces its own."""
-    from flwr.app import RecordDict
-
-    from silotune.federated.coordinator import Coordinator
-    from silotune.federated.silo import make_client_app
-    from silotune.train.trainer import prepare_output_dir
-    from tests.federated.harness import InProcessGrid, flower_identity
-
-    silo_cfg = make_cfg(tmp_path, "silo", secure_aggregation="masking")
-    paths = _deployed_silos(tmp_path, silo_cfg, identities=True)
-    grid = InProcessGrid(make_client_app(None), 3)
-    for node, context in grid.contexts.items():
-        context.node_config = {"partition-id": node - 1000, "config": str(paths[node - 1000])}
-        context.state = RecordDict()
+    grid = _deployed_grid(tmp_path, make_cfg(tmp_path, "silo", secure_aggregation="masking"), True)
     coordinator_cfg = make_cfg(tmp_path, "coordinator", secure_aggregation="none")
-    prepare_output_dir(coordinator_cfg, resume=False, overwrite=True)
-    with caplog.at_level(logging.WARNING), flower_identity(), pytest.raises(FederationError):
-        Coordinator(coordinator_cfg, grid, resume=False, progress=False).run()  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING), pytest.raises(FederationError):
+        _coordinate(coordinator_cfg, grid)
     assert "asked for secure aggregation 'none', but this silo's config demands 'masking'" in (
         caplog.text
     )

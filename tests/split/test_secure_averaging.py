@@ -90,6 +90,14 @@ def masked_silo(cfg, session: FrameSession, examples: int, keys_dir=None, name=N
     return averager
 
 
+def masked_silos(cfg, connect_fn, keys_dir, count: int):
+    """``count`` joined silos silo-0.. with the config's averager."""
+    return [
+        masked_silo(cfg, open_silo(connect_fn, keys_dir, f"silo-{i}"), EXAMPLES[i])
+        for i in range(count)
+    ]
+
+
 def spy_uploads(monkeypatch):
     """Record every masked upload the coordinator's SecAgg server receives."""
     uploads: list[bytes] = []
@@ -148,10 +156,7 @@ def test_secure_average_equals_weighted_average_and_the_coordinator_sees_only_ma
     cfg = split_cfg(silos=3)
     states = silo_states(adapter, 3)
     with trunk_server(cfg, keys_dir) as (service, connect_fn):
-        averagers = [
-            masked_silo(cfg, open_silo(connect_fn, keys_dir, f"silo-{i}"), EXAMPLES[i])
-            for i in range(3)
-        ]
+        averagers = masked_silos(cfg, connect_fn, keys_dir, 3)
         assert all(isinstance(a, MaskingAverager) for a in averagers)
         results, errors = average_all(averagers, states)
         outcomes = {r.silo: r.outcome for r in service.records}
@@ -215,10 +220,7 @@ def test_shamir_recovery_when_a_silo_vanishes_mid_round(adapter, keys_dir, gone_
     cfg = split_cfg(silos=3)
     states = silo_states(adapter, 3)
     with trunk_server(cfg, keys_dir) as (service, connect_fn):
-        averagers = [
-            masked_silo(cfg, open_silo(connect_fn, keys_dir, f"silo-{i}"), EXAMPLES[i])
-            for i in range(2)
-        ]
+        averagers = masked_silos(cfg, connect_fn, keys_dir, 2)
         identity, coordinator = load_silo_keys(keys_dir, "silo-2")
         wire = CloseAfter(connect_fn("silo-2"), gone_after)
         leaver = masked_silo(
@@ -267,10 +269,7 @@ def test_a_value_beyond_the_clip_stops_the_round_with_the_config_key(adapter, ke
     cfg = split_cfg(silos=2, secagg_clip=0.01)
     states = silo_states(adapter, 2)
     with trunk_server(cfg, keys_dir) as (_, connect_fn):
-        averagers = [
-            masked_silo(cfg, open_silo(connect_fn, keys_dir, f"silo-{i}"), EXAMPLES[i])
-            for i in range(2)
-        ]
+        averagers = masked_silos(cfg, connect_fn, keys_dir, 2)
         _, errors = average_all(averagers, states)
     assert all(isinstance(e, SplitError) for e in errors), errors
     assert any("split.secagg_clip 0.01" in str(e) for e in errors), errors
@@ -305,10 +304,7 @@ def test_hierarchical_trunk_replicas_are_averaged_at_a_secure_sync(adapter, keys
     cfg = split_cfg(silos=2, server_mode="server-hierarchical")
     states = silo_states(adapter, 2)
     with trunk_server(cfg, keys_dir) as (service, connect_fn):
-        averagers = [
-            masked_silo(cfg, open_silo(connect_fn, keys_dir, f"silo-{i}"), EXAMPLES[i])
-            for i in range(2)
-        ]
+        averagers = masked_silos(cfg, connect_fn, keys_dir, 2)
         engine = service.engine
         deadline = time.monotonic() + 10
         while len(engine.replicas) < 2 and time.monotonic() < deadline:  # joins are processed
@@ -354,10 +350,7 @@ def test_a_coordinator_that_substitutes_keys_is_detected_before_any_upload(
     monkeypatch.setattr(masking_driver.MaskingDriver, "messages", substituted)
     cfg = split_cfg(silos=3)
     with trunk_server(cfg, keys_dir) as (_, connect_fn):
-        averagers = [
-            masked_silo(cfg, open_silo(connect_fn, keys_dir, f"silo-{i}"), EXAMPLES[i])
-            for i in range(3)
-        ]
+        averagers = masked_silos(cfg, connect_fn, keys_dir, 3)
         _, errors = average_all(averagers, silo_states(adapter, 3))
     assert not uploads  # no silo sent a masked adapter
     assert "key substitution detected: the keys of silo 3 ('silo-2')" in str(errors[0])
@@ -370,10 +363,7 @@ def test_a_coordinator_that_replays_a_round_is_refused(adapter, keys_dir, monkey
     cfg = split_cfg(silos=2)
     states = silo_states(adapter, 2)
     with trunk_server(cfg, keys_dir) as (service, connect_fn):
-        averagers = [
-            masked_silo(cfg, open_silo(connect_fn, keys_dir, f"silo-{i}"), EXAMPLES[i])
-            for i in range(2)
-        ]
+        averagers = masked_silos(cfg, connect_fn, keys_dir, 2)
         _, errors = average_all(averagers, states)
         assert errors == [None, None]
         service.secure.rounds -= 1  # the coordinator reuses the round id it just completed

@@ -237,7 +237,9 @@ class DecryptionGuard:
             )
 
 
-def _sum_fields(name: str, values: NDArray[np.float32], names: list[str]) -> dict[str, object]:
+def _sum_fields(
+    name: str, values: NDArray[np.float32], names: list[str]
+) -> dict[str, statements.Field]:
     return {
         "decrypter": name,
         "sum": hashlib.sha256(np.ascontiguousarray(values, dtype="<f4").tobytes()).digest(),
@@ -261,6 +263,6 @@ def verify_sum(
         PURPOSE_SUM,
         job,
         round_id,
-        _sum_fields(decrypter, values, names),  # type: ignore[arg-type]
+        _sum_fields(decrypter, values, names),
         f"the decrypted sum from {decrypter!r}",
     )

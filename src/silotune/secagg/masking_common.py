@@ -208,7 +208,8 @@ def describe_difference(mine: dict[str, Any], theirs: object) -> str:
     for key in ("survivors", "dropped"):
         if other.get(key) != mine[key]:
             parts.append(f"{key} {other.get(key)} where this silo saw {mine[key]}")
-    keys = other.get("keys") if isinstance(other.get("keys"), dict) else {}
+    raw = other.get("keys")
+    keys: dict[str, Any] = raw if isinstance(raw, dict) else {}
     if keys != mine["keys"]:
         if sorted(keys) != sorted(mine["keys"]):
             parts.append(f"the silos {sorted(keys)} where this silo saw {sorted(mine['keys'])}")

@@ -274,7 +274,7 @@ class MaskingSilo:
             raise ProtocolViolation("the unmask request does not list this silo as a survivor")
         self._need_silos(len(survivors), "surviving silos")
         self._request = request
-        fields = {"sid": self.sid, "view": self._view_digest()}
+        fields: dict[str, statements.Field] = {"sid": self.sid, "view": self._view_digest()}
         signature = b""
         if self.identity is not None:
             signature = statements.sign(
@@ -296,7 +296,7 @@ class MaskingSilo:
                 raise ProtocolViolation(f"a view signature comes from silo {sid}, not a survivor")
             signature = entry.blob("signature", max_size=64)
             if self.enrollment is not None:
-                fields = {"sid": sid, "view": self._view_digest()}
+                fields: dict[str, statements.Field] = {"sid": sid, "view": self._view_digest()}
                 try:
                     statements.verify(
                         self.enrollment.get(self.adverts[sid].name),
@@ -350,7 +350,11 @@ class MaskingSilo:
             return ""
         setup = self.setup
         assert setup is not None
-        fields = {"sender": self.sid, "recipient": peer, "sealed": statements.digest(sealed)}
+        fields: dict[str, statements.Field] = {
+            "sender": self.sid,
+            "recipient": peer,
+            "sealed": statements.digest(sealed),
+        }
         return statements.sign(
             self.identity, PURPOSE_BUNDLE, setup.job, setup.config.round_id, fields
         ).hex()
@@ -360,7 +364,11 @@ class MaskingSilo:
             return
         setup = self.setup
         assert setup is not None
-        fields = {"sender": sender, "recipient": self.sid, "sealed": statements.digest(sealed)}
+        fields: dict[str, statements.Field] = {
+            "sender": sender,
+            "recipient": self.sid,
+            "sealed": statements.digest(sealed),
+        }
         try:
             statements.verify(
                 self.enrollment.get(self.adverts[sender].name),
