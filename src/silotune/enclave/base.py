@@ -32,7 +32,7 @@ import torch
 
 from silotune.crypto.exceptions import CryptoError
 from silotune.crypto.identity import PublicIdentity
-from silotune.errors import SilotuneError
+from silotune.errors import AttestationError, EnclaveError
 
 __all__ = [
     "BACKENDS",
@@ -62,14 +62,6 @@ MAX_QUOTE_BYTES = 4 + 1 + MAX_BACKEND_CHARS + 32 + 1 + MAX_NONCE_SIZE + 2 + MAX_
 Tensors = dict[str, torch.Tensor]
 OcallHandler = Callable[[str, dict[str, Any], Tensors], tuple[dict[str, Any], Tensors]]
 """Serves an enclave's call back into the host: ``(method, meta, tensors) -> (meta, tensors)``."""
-
-
-class AttestationError(SilotuneError):
-    """A quote was refused: bad signature, measurement not allow-listed, stale nonce, bad format."""
-
-
-class EnclaveError(SilotuneError):
-    """An enclave could not start, or its code failed while serving a call."""
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from silotune.enclave.masked_stream import MaskStream
-from silotune.errors import SilotuneError
+from silotune.errors import TamperedResultError
 
 __all__ = [
     "FrozenLinearServer",
@@ -62,10 +62,6 @@ WIRE_DTYPE = torch.float64
 FREIVALDS_TOL = 1e-12
 LINEAR = "linear"  # REE computes (x + r) W^T
 LINEAR_T = "linear_t"  # REE computes (g + r) W
-
-
-class TamperedResultError(SilotuneError):
-    """The REE answered an outsourced matmul with something other than the product."""
 
 
 @dataclass

@@ -25,6 +25,7 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from silotune.crypto.prg import SEED_BYTES, derive_key
+from silotune.errors import MaskReuseError
 
 __all__ = ["BLOCK_BYTES", "Mask", "MaskReuseError", "MaskStream"]
 
@@ -32,10 +33,6 @@ BLOCK_BYTES = 16  # one AES block; the CTR counter counts these
 MASK_LABEL = b"silotune/adapter-tee/mask"
 _COUNTER_LIMIT = 1 << 64  # far below the 2**128 counter space; a stream never gets near it
 _INV_2_32 = 1.0 / (1 << 32)
-
-
-class MaskReuseError(RuntimeError):
-    """Keystream below the stream's counter was asked for: that would reuse a one-time mask."""
 
 
 @dataclass(frozen=True)

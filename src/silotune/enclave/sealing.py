@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from silotune.enclave.base import MEASUREMENT_SIZE
-from silotune.errors import SilotuneError
+from silotune.errors import SealingError
 
 __all__ = ["SealingError", "seal", "sealing_key", "unseal"]
 
@@ -26,10 +26,6 @@ SEAL_MAGIC = b"SSL1"
 NONCE_SIZE = 12
 TAG_SIZE = 16
 MAX_LABEL_CHARS = 128
-
-
-class SealingError(SilotuneError):
-    """A sealed blob does not open here: another enclave, another platform, or tampered."""
 
 
 def sealing_key(platform_secret: bytes, measurement: bytes) -> bytes:

@@ -8,11 +8,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from numpy.typing import NDArray
 from torch import nn
 
-from silotune.errors import SilotuneError
-
-
-class FederationError(SilotuneError):
-    """A federated round cannot go on (too few silos, a bad message, a failed check)."""
+from silotune.errors import FederationError
 
 
 def trainable(model: nn.Module) -> list[torch.nn.Parameter]:

@@ -27,6 +27,8 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from silotune.errors import FrameError
+
 __all__ = [
     "DTYPES",
     "FRAME_VERSION",
@@ -81,10 +83,6 @@ _ST_PREFIX = struct.Struct("<Q")  # safetensors header length
 _MAX_NAME_CHARS = 256
 _MAX_SILO_CHARS = 256
 _MAX_STEP = 2**63 - 1
-
-
-class FrameError(ValueError):
-    """A received frame is malformed, oversized or disagrees with its own header."""
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from silotune.crypto.channel import OVERHEAD, SecureChannel
 from silotune.crypto.exceptions import CryptoError
 from silotune.crypto.handshake import ClientHandshake, ServerHandshake
 from silotune.crypto.identity import Enrollment, IdentityKey, PublicIdentity
-from silotune.errors import SilotuneError
+from silotune.errors import SplitError
 from silotune.split.frames import (
     KIND_ERROR,
     Frame,
@@ -47,10 +47,6 @@ HANDSHAKE_CONTEXT = b"silotune/split/v1"  # both sides must use it; binds the ke
 MAX_FRAME_BYTES = 256 * 2**20
 TENSORS_PER_FRAME = 48  # adapter states travel in several frames, each well inside the limits
 MAX_STATE_FRAMES = 1024
-
-
-class SplitError(SilotuneError):
-    """Split training cannot go on: a peer was refused, vanished, or broke the protocol."""
 
 
 @dataclass

@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
+from silotune.errors import ConnectionClosed, MessageTooLarge, TransportError, TransportTimeout
+
 __all__ = [
     "Connection",
     "ConnectionClosed",
@@ -28,22 +30,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-class TransportError(Exception):
-    """A transport failed: it could not connect, or the peer broke the transport protocol."""
-
-
-class ConnectionClosed(TransportError):
-    """The connection is closed (by either side, or because the peer vanished)."""
-
-
-class TransportTimeout(TransportError, TimeoutError):
-    """``recv`` waited for its whole timeout without a message; the connection stays usable."""
-
-
-class MessageTooLarge(TransportError, ValueError):
-    """A message exceeds the connection's maximum message size."""
 
 
 @runtime_checkable

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from silotune.errors import SilotuneError
+from silotune.errors import TlsMaterialError
 
 __all__ = [
     "CA_CERT",
@@ -47,10 +47,6 @@ SERVER_KEY = "server.key"
 _FILES = (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY)
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"^(\*\.)?{_LABEL}(\.{_LABEL})*$")
-
-
-class TlsMaterialError(SilotuneError):
-    """TLS files are missing, unreadable, malformed or do not belong together."""
 
 
 @dataclass(frozen=True)
