@@ -72,7 +72,7 @@ def train(
 ) -> None:
     """Train a job in the mode its config names (centralized, federated, split)."""
     from silotune.config import load_config
-    from silotune.train.dispatch import run_job
+    from silotune.dispatch import run_job
 
     cfg = load_config(config, set_)
     summary = run_job(cfg, resume=resume, overwrite=overwrite, progress=progress)

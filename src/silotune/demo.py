@@ -17,9 +17,9 @@ from rich.console import Console
 from rich.table import Table
 
 from silotune.config import JobConfig, config_from_dict
+from silotune.dispatch import run_job
 from silotune.errors import ConfigError
 from silotune.eval.runner import evaluate_job
-from silotune.train.dispatch import run_job
 from silotune.train.trainer import METRICS_FILE
 
 DEMO_STEPS = 200

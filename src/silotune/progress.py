@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from silotune.eval.evaluate import ProgressHook
+# Called as hook(done, total) as long work advances (e.g. evaluation driving a progress bar).
+ProgressHook = Callable[[int, int], None]
 
 
 def progress_bar(enabled: bool) -> Progress:

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from silotune.config import JobConfig
+from silotune.dispatch import run_job
 from silotune.enclave.adapter_app import check_enclave_job, enclave_app_config
 from silotune.enclave.adapter_runner import LocalEnclave, compare_with_plain, load_ree_model
 from silotune.enclave.base import EnclaveError
 from silotune.enclave.masked_linear import FrozenLinearServer, OutsourcedLinear, from_wire
 from silotune.errors import ConfigError
-from silotune.train.dispatch import run_job
 from tests.conftest import FAST_JOB
 
 Tensors = dict[str, torch.Tensor]

@@ -13,12 +13,12 @@ from typer.testing import CliRunner
 from silotune.adapters.peft_adapters import load_adapter, read_adapter_dir
 from silotune.cli import app
 from silotune.config import load_config
+from silotune.dispatch import run_job
 from silotune.enclave.adapter_runner import compare_with_plain
 from silotune.enclave.base import EnclaveError
 from silotune.enclave.platform import write_platform_key
 from silotune.errors import CheckpointError
 from silotune.models.loading import load_model
-from silotune.train.dispatch import run_job
 
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "centralized-enclave-tiny.yaml"
 SMALL = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from silotune.federated.config import PruningConfig
+from silotune.config.federation import PruningConfig
 from silotune.federated.sparsify import (
     densify,
     kept_count,

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from silotune.config import config_from_dict
+from silotune.config.federation import FederationConfig
 from silotune.crypto import masking
 from silotune.errors import ConfigError
-from silotune.federated.config import FederationConfig
 from silotune.federated.silo import _prox_loss
 from silotune.federated.strategy import apply_update, make_server_optimizer
 from silotune.federated.vectors import flatten

@@ -10,11 +10,11 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
+from silotune.dispatch import run_job
 from silotune.errors import ConfigError
 from silotune.eval.evaluate import evaluate
 from silotune.models.loading import load_model
 from silotune.split import runner
-from silotune.train.dispatch import run_job
 from silotune.train.trainer import build_job
 from tests.split.conftest import run_threads, split_cfg
 

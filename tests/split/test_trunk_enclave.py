@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load, load_file
 
 from silotune.crypto.identity import IdentityKey
+from silotune.dispatch import run_job
 from silotune.enclave.attest import attest_trunk, trunk_policy
 from silotune.enclave.base import AttestationError
 from silotune.enclave.platform import platform_secret, write_platform_key
@@ -24,7 +25,6 @@ from silotune.split import runner
 from silotune.split.frames import decode_frame
 from silotune.split.keys import load_coordinator_keys, load_silo_identity
 from silotune.split.session import SplitError, open_session
-from silotune.train.dispatch import run_job
 from silotune.transport import InProcessServer
 from silotune.transport.inprocess import inprocess_pair
 from tests.split.conftest import (

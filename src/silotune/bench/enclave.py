@@ -81,7 +81,7 @@ def _adapter_rows(quick: bool) -> dict[str, dict[str, float]]:
 
 
 def _accuracy(quick: bool, spf: bool, tmp: Path) -> dict[str, float]:
-    from silotune.train.dispatch import run_job
+    from silotune.dispatch import run_job
 
     steps = 30 if quick else 100
     job: dict[str, Any] = {

@@ -27,7 +27,7 @@ from rich.table import Table
 
 from silotune.bench.federated_paired import divergence, paired_last_round, summarise
 from silotune.config import JobConfig, config_from_dict
-from silotune.train.dispatch import run_job
+from silotune.dispatch import run_job
 
 SILOS = 3
 PARTITIONS = ("iid", "dirichlet")

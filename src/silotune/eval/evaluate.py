@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from silotune.data.tasks import ClassificationTask, Encoded, LanguageModelingTask, collate
 from silotune.eval.metrics import accuracy, macro_f1, mean_rouge_l
-
-# Called as hook(done, total) as evaluation advances (e.g. to drive a progress bar).
-ProgressHook = Callable[[int, int], None]
+from silotune.progress import ProgressHook
 
 
 def _sequence_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

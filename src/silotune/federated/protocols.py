@@ -19,12 +19,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from numpy.typing import NDArray
 
+from silotune.config.federation import FederationConfig
 from silotune.crypto import ckks
 from silotune.crypto.exceptions import CryptoError
 from silotune.crypto.identity import Enrollment
 from silotune.errors import SilotuneError
 from silotune.federated import silo
-from silotune.federated.config import FederationConfig
 from silotune.federated.vectors import (
     FederationError,
     get_bytes,

@@ -14,8 +14,8 @@ import math
 import numpy as np
 from numpy.typing import NDArray
 
+from silotune.config.federation import PruningConfig
 from silotune.crypto import prg
-from silotune.federated.config import PruningConfig
 
 _SUPPORT_LABEL = b"silotune/federated/support"
 

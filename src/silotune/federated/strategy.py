@@ -15,7 +15,7 @@ import torch
 from numpy.typing import NDArray
 from peft import PeftModel
 
-from silotune.federated.config import FederationConfig
+from silotune.config.federation import FederationConfig
 from silotune.federated.vectors import trainable
 
 

@@ -10,10 +10,10 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from silotune.enclave.config import EnclaveConfig
+from silotune.config.enclave import EnclaveConfig
+from silotune.config.federation import FederationConfig
+from silotune.config.split import SplitConfig
 from silotune.errors import ConfigError
-from silotune.federated.config import FederationConfig
-from silotune.split.config import SplitConfig
 
 
 class _Strict(BaseModel):
