@@ -15,7 +15,10 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
+from silotune.enclave import cli as enclave_cli
 from silotune.errors import SilotuneError
+from silotune.federated import keygen as federated_keygen
+from silotune.split import cli as split_cli
 
 app = typer.Typer(
     help="Fine-tune one LLM across silos whose data and model stay private.",
@@ -198,13 +201,12 @@ def bench(
     run_benchmark(name, quick, Console())
 
 
-# Mode packages register their own commands here (one line each).
-from silotune.split import cli as split_cli  # noqa: E402  (serve, join)
-
+# Packages keep their commands in their own cli/keygen modules; they are registered here, one way.
 app.command()(split_cli.serve)
 app.command()(split_cli.join)
-app.command("keygen")(__import__("silotune.federated.keygen", fromlist=["keygen"]).keygen)
-app.add_typer(__import__("silotune.enclave.cli", fromlist=["app"]).app, name="enclave")
+app.command("keygen")(federated_keygen.keygen)
+enclave_cli.app.command("measure")(split_cli.enclave_measure)
+app.add_typer(enclave_cli.app, name="enclave")
 
 
 def _print_scores(split: str, scores: dict[str, float]) -> None:

@@ -18,7 +18,7 @@ def run_job(
             "split mode the trunk can run in an enclave: split.trunk_in_enclave)"
         )
     if cfg.mode == "centralized" and cfg.adapter.placement == "enclave":
-        from silotune.enclave.adapter_runner import train_in_enclave
+        from silotune.adapter_tee.runner import train_in_enclave
 
         return train_in_enclave(cfg, resume=resume, overwrite=overwrite, progress=progress)
     if cfg.mode == "centralized":

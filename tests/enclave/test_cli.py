@@ -12,8 +12,8 @@ from silotune.cli import main
 from silotune.config import load_config
 from silotune.crypto.identity import IdentityKey, PublicIdentity
 from silotune.enclave.measure import measure
-from silotune.enclave.trunk_app import trunk_app_config
 from silotune.split.keys import load_enrollment, write_job_keys
+from silotune.split.trunk_app import trunk_app_config
 
 
 @pytest.fixture

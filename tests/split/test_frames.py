@@ -9,7 +9,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from silotune.split.frames import (
+from silotune.transport.frames import (
     MAGIC,
     Frame,
     FrameError,

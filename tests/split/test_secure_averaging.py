@@ -19,7 +19,6 @@ from silotune.crypto.fixedpoint import FixedPointCodec
 from silotune.crypto.masking import MaskingServer
 from silotune.secagg import masking_driver, wire
 from silotune.split.averaging import weighted_average
-from silotune.split.frames import FrameError
 from silotune.split.keys import load_enrollment, load_silo_keys
 from silotune.split.parts import PartState, build_half
 from silotune.split.secure_averaging import (
@@ -29,6 +28,7 @@ from silotune.split.secure_averaging import (
 )
 from silotune.split.session import FrameSession, SplitError, open_session
 from silotune.split.silo import CoordinatorAverager, TrunkLink, make_averager
+from silotune.transport.frames import FrameError
 from tests.split.conftest import open_silo, run_threads, split_cfg, trunk_server
 
 EXAMPLES = [50, 100, 150]

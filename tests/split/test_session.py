@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from silotune.split.frames import FrameError
 from silotune.split.keys import load_coordinator_keys, load_silo_keys
 from silotune.split.session import accept_session, open_session
 from silotune.transport import inprocess_pair
+from silotune.transport.frames import FrameError
 from tests.split.conftest import run_threads
 
 

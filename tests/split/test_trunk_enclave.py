@@ -15,17 +15,17 @@ from safetensors.torch import load, load_file
 
 from silotune.crypto.identity import IdentityKey
 from silotune.dispatch import run_job
-from silotune.enclave.attest import attest_trunk, trunk_policy
 from silotune.enclave.base import AttestationError
 from silotune.enclave.platform import platform_secret, write_platform_key
-from silotune.enclave.relay import SEALED_TRUNK, EnclaveTrunk
 from silotune.enclave.sealing import unseal
-from silotune.enclave.trunk_app import SEAL_LABEL
 from silotune.split import runner
-from silotune.split.frames import decode_frame
+from silotune.split.attest import attest_trunk, trunk_policy
+from silotune.split.enclave_trunk import SEALED_TRUNK, EnclaveTrunk
 from silotune.split.keys import load_coordinator_keys, load_silo_identity
 from silotune.split.session import SplitError, open_session
+from silotune.split.trunk_app import SEAL_LABEL
 from silotune.transport import InProcessServer
+from silotune.transport.frames import decode_frame
 from silotune.transport.inprocess import inprocess_pair
 from tests.split.conftest import (
     make_stream,

@@ -58,7 +58,7 @@ def _split_step_s(quick: bool, in_enclave: bool, tmp: Path) -> dict[str, float]:
 
 
 def _adapter_rows(quick: bool) -> dict[str, dict[str, float]]:
-    from silotune.enclave.adapter_runner import compare_with_plain
+    from silotune.adapter_tee.runner import compare_with_plain
 
     job = {
         "mode": "centralized",

@@ -16,8 +16,8 @@ __all__ = ["APPS", "EnclaveApp", "load_app"]
 
 APPS: dict[str, str] = {
     "selftest": "silotune.enclave.selftest_app:SelfTestApp",
-    "trunk": "silotune.enclave.trunk_app:TrunkEnclaveApp",
-    "adapter": "silotune.enclave.adapter_app:AdapterEnclaveApp",
+    "trunk": "silotune.split.trunk_app:TrunkEnclaveApp",
+    "adapter": "silotune.adapter_tee.app:AdapterEnclaveApp",
 }
 
 

@@ -2,7 +2,7 @@
 
 Each message is ``body_length (u32) | type (u8) | ident (u32) | body``. ``ident`` names a call (for
 call, return, error and ocall messages) or a relayed connection (open, data, close). Call and ocall
-bodies are :mod:`silotune.split.frames` frames (JSON header + safetensors, never pickle); relayed
+bodies are :mod:`silotune.transport.frames` frames (JSON header + safetensors, never pickle); relayed
 data is opaque bytes (a silo's sealed channel frames). Frames have no ``uint8`` dtype, so opaque
 bytes inside a call (a sealed blob) travel as an ``int32`` view; :func:`bytes_to_tensor`.
 """
@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from silotune.enclave.base import EnclaveError, Tensors
-from silotune.split.frames import (
+from silotune.transport.base import ConnectionClosed, Inbox, TransportError, as_message
+from silotune.transport.frames import (
     KIND_ERROR,
     KIND_FORWARD,
     FrameError,
@@ -28,7 +29,6 @@ from silotune.split.frames import (
     decode_frame,
     encode_frame,
 )
-from silotune.transport.base import ConnectionClosed, Inbox, TransportError, as_message
 
 __all__ = [
     "ChannelConnection",

@@ -57,3 +57,25 @@ def join(
     shown = ", ".join(f"{k} {v:.4f}" for k, v in summary["test"].items() if k != "examples")
     console.print(f"test: {shown}")
     console.print(f"adapter saved to {summary['adapter']} (PEFT format)")
+
+
+def enclave_measure(
+    config: Annotated[Path, typer.Argument(help="YAML job recipe with mode: split.")],
+    set_: SetOption = None,
+) -> None:
+    """Print the trunk enclave's measurement for CONFIG (hex; put it in allowed_measurements).
+
+    The measurement covers this silotune build's code, the job's model, adapter, train and split
+    settings, and the enrollment in split.keys_dir/enrollment.json.
+    """
+    from silotune.config import load_config
+    from silotune.enclave.measure import measure
+    from silotune.errors import ConfigError
+    from silotune.split.keys import load_enrollment
+    from silotune.split.trunk_app import trunk_app_config
+
+    cfg = load_config(config, set_)
+    if cfg.mode != "split":
+        raise ConfigError(f"enclave measure needs a job with mode: split, got mode: {cfg.mode}")
+    enrollment = load_enrollment(cfg.split.keys_dir, "trunk enclave's measurement")
+    typer.echo(measure("trunk", trunk_app_config(cfg, enrollment)).hex())

@@ -31,9 +31,9 @@ from silotune.data.registry import DatasetSplits, load_splits
 from silotune.data.tasks import ClassificationTask, LanguageModelingTask, make_task
 from silotune.enclave.base import EnclaveError
 from silotune.enclave.platform import load_platform_key
-from silotune.enclave.relay import EnclaveTrunk
 from silotune.errors import ConfigError, SilotuneError
 from silotune.eval.evaluate import evaluate
+from silotune.split.enclave_trunk import EnclaveTrunk
 from silotune.split.engines import Roster, make_engine
 from silotune.split.keys import (
     load_coordinator_keys,
@@ -126,7 +126,7 @@ def run_silo(
     check_split_config(cfg)
     t, s = cfg.train, cfg.split
     if s.trunk_in_enclave:
-        from silotune.enclave.attest import attest_trunk, trunk_policy
+        from silotune.split.attest import attest_trunk, trunk_policy
 
         identity, policy = load_silo_identity(s.keys_dir, silo_name), trunk_policy(cfg)
     else:

@@ -51,8 +51,8 @@ from silotune.secagg.masking_common import ADVERTISE, STAGES
 from silotune.secagg.masking_driver import MaskingDriver, RoundFailed
 from silotune.secagg.masking_silo import MaskingSilo, new_job_id
 from silotune.secagg.policy import SiloPolicy
-from silotune.split.frames import KIND_SECAGG, Frame, FrameError
 from silotune.split.session import FrameSession, SplitError
+from silotune.transport.frames import KIND_SECAGG, Frame, FrameError
 
 if TYPE_CHECKING:
     from silotune.split.engines import TrunkEngine

@@ -2,7 +2,7 @@
 
 A session starts with the ``silotune.crypto`` handshake (the silo proves an enrolled Ed25519
 identity, the coordinator proves the pinned one) and then carries split-learning frames
-(:mod:`silotune.split.frames`), each sealed by a :class:`~silotune.crypto.channel.SecureChannel`.
+(:mod:`silotune.transport.frames`), each sealed by a :class:`~silotune.crypto.channel.SecureChannel`.
 No frame is sent or accepted before the handshake has finished; every received frame is opened
 (authenticated, in order, not replayed) before it is decoded, and decoded before it is used.
 """
@@ -22,7 +22,8 @@ from silotune.crypto.exceptions import CryptoError
 from silotune.crypto.handshake import ClientHandshake, ServerHandshake
 from silotune.crypto.identity import Enrollment, IdentityKey, PublicIdentity
 from silotune.errors import SplitError
-from silotune.split.frames import (
+from silotune.transport.base import Connection, TransportError
+from silotune.transport.frames import (
     KIND_ERROR,
     Frame,
     FrameError,
@@ -30,7 +31,6 @@ from silotune.split.frames import (
     decode_frame,
     encode_frame,
 )
-from silotune.transport.base import Connection, TransportError
 
 __all__ = [
     "HANDSHAKE_CONTEXT",

@@ -22,7 +22,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from silotune.split.frames import (
+from silotune.split.parts import PartState
+from silotune.split.secure_averaging import MaskingAverager
+from silotune.split.session import FrameSession, SplitError
+from silotune.train.loop import Batch, causal_lm_loss
+from silotune.transport.frames import (
     KIND_BACKWARD,
     KIND_BYE,
     KIND_COMMIT,
@@ -33,10 +37,6 @@ from silotune.split.frames import (
     FrameError,
     add_noise,
 )
-from silotune.split.parts import PartState
-from silotune.split.secure_averaging import MaskingAverager
-from silotune.split.session import FrameSession, SplitError
-from silotune.train.loop import Batch, causal_lm_loss
 
 if TYPE_CHECKING:
     from silotune.config import JobConfig

@@ -39,7 +39,10 @@ import torch
 from silotune.crypto.exceptions import CryptoError
 from silotune.crypto.identity import Enrollment, IdentityKey
 from silotune.split.engines import TrunkEngine
-from silotune.split.frames import (
+from silotune.split.secure_averaging import MaskedAveraging
+from silotune.split.session import FrameSession, SplitError, accept_session
+from silotune.transport.base import Connection, ConnectionClosed, TransportError
+from silotune.transport.frames import (
     KIND_BACKWARD,
     KIND_BYE,
     KIND_COMMIT,
@@ -50,9 +53,6 @@ from silotune.split.frames import (
     Frame,
     FrameError,
 )
-from silotune.split.secure_averaging import MaskedAveraging
-from silotune.split.session import FrameSession, SplitError, accept_session
-from silotune.transport.base import Connection, ConnectionClosed, TransportError
 
 __all__ = ["SessionRecord", "TrunkService", "check_activation"]
 

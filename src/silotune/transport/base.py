@@ -2,7 +2,7 @@
 
 A connection carries whole messages (``bytes`` in, the same ``bytes`` out, in order) in both
 directions. Messages are opaque: encryption (``silotune.crypto``) and framing
-(``silotune.split.frames``) sit on top, so a transport never interprets what it carries.
+(``silotune.transport.frames``) sit on top, so a transport never interprets what it carries.
 """
 
 from __future__ import annotations

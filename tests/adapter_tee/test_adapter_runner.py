@@ -10,11 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from silotune.adapter_tee.runner import compare_with_plain
 from silotune.adapters.peft_adapters import load_adapter, read_adapter_dir
 from silotune.cli import app
 from silotune.config import load_config
 from silotune.dispatch import run_job
-from silotune.enclave.adapter_runner import compare_with_plain
 from silotune.enclave.base import EnclaveError
 from silotune.enclave.platform import write_platform_key
 from silotune.errors import CheckpointError

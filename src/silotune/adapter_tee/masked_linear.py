@@ -6,7 +6,7 @@ rotary attention, SiLU, residuals, LoRA branches, the loss) runs unchanged in th
 the frozen matmuls leave it, through :class:`LinearOffload`:
 
 * forward, ``y = x W^T + b``: the enclave draws a fresh mask ``r = s * z`` (``z ~ N(0, 1)`` from
-  :class:`~silotune.enclave.masked_stream.MaskStream`, ``s = mask_std * max|x|``), ocalls
+  :class:`~silotune.adapter_tee.masked_stream.MaskStream`, ``s = mask_std * max|x|``), ocalls
   ``linear`` with ``x + r`` only, gets ``(x + r) W^T`` back and subtracts ``s * (z W^T)``;
 * backward, ``dx = g W``: the same with ``linear_t``, ``g + r`` and ``s * (z W)``.
 
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from silotune.enclave.masked_stream import MaskStream
+from silotune.adapter_tee.masked_stream import MaskStream
 from silotune.errors import TamperedResultError
 
 __all__ = [

@@ -98,7 +98,7 @@ class EnclaveTrunk:
         tap: Tap | None = None,
     ) -> EnclaveTrunk:
         """Start the ``trunk`` app for job ``cfg`` with ``enrollment`` in a simulated enclave."""
-        from silotune.enclave.trunk_app import trunk_app_config
+        from silotune.split.trunk_app import trunk_app_config
 
         enclave = SimulatedEnclave.start(
             "trunk", trunk_app_config(cfg, enrollment), platform_key, threads=threads

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from silotune.enclave.masked_linear import (
+from silotune.adapter_tee.masked_linear import (
     FrozenLinearServer,
     LinearOffload,
     OutsourcedLinear,
@@ -17,7 +17,7 @@ from silotune.enclave.masked_linear import (
     outsource_linears,
     to_wire,
 )
-from silotune.enclave.masked_stream import MaskStream
+from silotune.adapter_tee.masked_stream import MaskStream
 
 Tensors = dict[str, torch.Tensor]
 

@@ -91,8 +91,8 @@ def trunk_policy(cfg: JobConfig) -> AttestationPolicy:
     """
     from silotune.enclave.measure import measure
     from silotune.enclave.platform import load_platform_public
-    from silotune.enclave.trunk_app import trunk_app_config
     from silotune.split.keys import load_enrollment
+    from silotune.split.trunk_app import trunk_app_config
 
     platform = load_platform_public(cfg.enclave.platform_key)
     allowed = cfg.enclave.allowed_measurements

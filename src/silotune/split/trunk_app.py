@@ -4,7 +4,7 @@ Inside the enclave the unchanged :class:`~silotune.split.trunk.TrunkService` run
 enclave's own identity key, so every silo's handshake, session keys and plaintext frames exist only
 in the enclave process; the host relays sealed bytes. Per relayed connection:
 
-1. the silo's attestation request (:mod:`silotune.enclave.attest`) is answered with a quote whose
+1. the silo's attestation request (:mod:`silotune.split.attest`) is answered with a quote whose
    report data is the enclave identity's public key;
 2. the silo, having verified the quote, runs the ordinary split handshake pinned to that key;
 3. the trunk service serves the session as it would outside an enclave.
@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from silotune.enclave.attest import parse_attest_request
 from silotune.enclave.base import AttestationError, EnclaveError, OcallHandler, Tensors
 from silotune.enclave.ipc import bytes_to_tensor
 from silotune.enclave.runtime import EnclaveRuntime
+from silotune.split.attest import parse_attest_request
 from silotune.transport.base import Connection, TransportError
 
 if TYPE_CHECKING:

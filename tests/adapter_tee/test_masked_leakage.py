@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from silotune.enclave.masked_leakage import step_leakage
+from silotune.adapter_tee.masked_leakage import step_leakage
 from tests.conftest import FAST_JOB
 
 

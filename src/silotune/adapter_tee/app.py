@@ -3,7 +3,7 @@
 Inside the enclave this app builds the job exactly as the centralized trainer does (same model,
 same seeded LoRA initialisation, same batches, same AdamW and schedule, same torch RNG stream) and
 then swaps every frozen linear layer for one the REE computes on masked tensors
-(:mod:`silotune.enclave.masked_linear`). Everything else - embeddings, norms, rotary attention,
+(:mod:`silotune.adapter_tee.masked_linear`). Everything else - embeddings, norms, rotary attention,
 SiLU, residuals, the LoRA branches, the loss, the optimizer - runs here on unmasked values.
 
 Methods (the host drives them in order; each does its work once, so the REE cannot make the
@@ -15,7 +15,7 @@ enclave recompute a batch and hand it several independently masked copies to ave
   (every ``train.eval_every`` and the last), test once after the last step. Returns the scores.
 * ``release``: after the last step only, the trained adapter's tensors (PEFT names).
 * ``checkpoint``: the whole training state (adapter, AdamW, schedule, RNG, step) sealed to this
-  measurement on this platform (:mod:`silotune.enclave.adapter_state`); the host stores the blob.
+  measurement on this platform (:mod:`silotune.adapter_tee.state`); the host stores the blob.
 * ``restore`` ``{"length": n}`` + ``blob``: before the first step only, continue from a sealed
   state. It opens only in an enclave with the same code and configuration on the same platform.
 """
@@ -30,15 +30,15 @@ from typing import Any
 
 import torch
 
+from silotune.adapter_tee.masked_linear import LinearOffload, outsource_linears
+from silotune.adapter_tee.masked_stream import MaskStream
+from silotune.adapter_tee.state import STATE_LABEL, pack_state, unpack_state
 from silotune.adapters.peft_adapters import adapter_state, attach_adapter
 from silotune.config import JobConfig, config_from_dict
 from silotune.data.registry import load_splits
 from silotune.data.tasks import make_task
-from silotune.enclave.adapter_state import STATE_LABEL, pack_state, unpack_state
 from silotune.enclave.base import EnclaveError, OcallHandler, Tensors
 from silotune.enclave.ipc import bytes_to_tensor, tensor_to_bytes
-from silotune.enclave.masked_linear import LinearOffload, outsource_linears
-from silotune.enclave.masked_stream import MaskStream
 from silotune.errors import ConfigError, ModelError
 from silotune.eval.evaluate import evaluate
 from silotune.models.loading import load_model

@@ -14,7 +14,7 @@ received with the clear tensor the enclave masked:
   likelihood under Gaussian masks) and this reports the fraction of real tokens it gets right,
   next to ``token_chance``, the fraction that always guessing the most frequent token would get.
 * ``max_abs_diff``: the adapter difference to the plain trainer after ``steps`` steps
-  (:func:`~silotune.enclave.adapter_runner.compare_with_plain`), the accuracy cost.
+  (:func:`~silotune.adapter_tee.runner.compare_with_plain`), the accuracy cost.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
+from silotune.adapter_tee.app import enclave_app_config
+from silotune.adapter_tee.masked_linear import FrozenLinearServer, OutsourcedLinear, from_wire
+from silotune.adapter_tee.runner import LocalEnclave, compare_with_plain, load_ree_model
 from silotune.config import config_from_dict
-from silotune.enclave.adapter_app import enclave_app_config
-from silotune.enclave.adapter_runner import LocalEnclave, compare_with_plain, load_ree_model
-from silotune.enclave.masked_linear import FrozenLinearServer, OutsourcedLinear, from_wire
 
 __all__ = ["measure_leakage", "step_leakage"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from silotune.adapter_tee.masked_stream import BLOCK_BYTES, MASK_LABEL, MaskReuseError, MaskStream
 from silotune.crypto.prg import expand_bytes
-from silotune.enclave.masked_stream import BLOCK_BYTES, MASK_LABEL, MaskReuseError, MaskStream
 
 SEED = bytes(range(32))
 

@@ -1,9 +1,9 @@
 """The REE's side of adapter placement `enclave`: serve masked matmuls, drive the enclave, save.
 
 The host process (the REE) loads the frozen model and answers the enclave's ``linear`` and
-``linear_t`` ocalls with it (:class:`~silotune.enclave.masked_linear.FrozenLinearServer`); it
+``linear_t`` ocalls with it (:class:`~silotune.adapter_tee.masked_linear.FrozenLinearServer`); it
 never holds the adapter, its optimizer state, the training data or an unmasked activation. It
-starts the enclave (:mod:`silotune.enclave.adapter_app`), checks its quote, asks for each step
+starts the enclave (:mod:`silotune.adapter_tee.app`), checks its quote, asks for each step
 and each scheduled evaluation, and at the end writes the adapter the enclave releases as a plain
 PEFT folder. :func:`compare_with_plain` runs the same recipe with the ordinary trainer and with
 the enclave and reports measured step times and how far apart the two adapters are.
@@ -25,6 +25,13 @@ from typing import Any, Protocol
 
 import torch
 
+from silotune.adapter_tee.app import (
+    ENCLAVE_MODEL_TYPES,
+    AdapterEnclaveApp,
+    check_enclave_job,
+    enclave_app_config,
+)
+from silotune.adapter_tee.masked_linear import FrozenLinearServer
 from silotune.adapters.peft_adapters import (
     adapter_state,
     attach_adapter,
@@ -33,12 +40,6 @@ from silotune.adapters.peft_adapters import (
 )
 from silotune.config import JobConfig, config_from_dict
 from silotune.crypto.identity import IdentityKey
-from silotune.enclave.adapter_app import (
-    ENCLAVE_MODEL_TYPES,
-    AdapterEnclaveApp,
-    check_enclave_job,
-    enclave_app_config,
-)
 from silotune.enclave.base import (
     AttestationPolicy,
     EnclaveError,
@@ -47,7 +48,6 @@ from silotune.enclave.base import (
     verify_quote,
 )
 from silotune.enclave.ipc import bytes_to_tensor, tensor_to_bytes
-from silotune.enclave.masked_linear import FrozenLinearServer
 from silotune.enclave.measure import measure
 from silotune.enclave.platform import load_platform_key
 from silotune.enclave.simulated import SimulatedEnclave
@@ -168,7 +168,7 @@ def train_in_enclave(
     Raises
     ------
     ConfigError
-        For jobs the enclave cannot run (see :func:`~silotune.enclave.adapter_app.
+        For jobs the enclave cannot run (see :func:`~silotune.adapter_tee.app.
         check_enclave_job`) and for ``resume`` without ``enclave.platform_key``.
     CheckpointError
         If the sealed state does not open in this enclave.

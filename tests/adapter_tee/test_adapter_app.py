@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 import torch
 
+from silotune.adapter_tee.app import check_enclave_job, enclave_app_config
+from silotune.adapter_tee.masked_linear import FrozenLinearServer, OutsourcedLinear, from_wire
+from silotune.adapter_tee.runner import LocalEnclave, compare_with_plain, load_ree_model
 from silotune.config import JobConfig
 from silotune.dispatch import run_job
-from silotune.enclave.adapter_app import check_enclave_job, enclave_app_config
-from silotune.enclave.adapter_runner import LocalEnclave, compare_with_plain, load_ree_model
 from silotune.enclave.base import EnclaveError
-from silotune.enclave.masked_linear import FrozenLinearServer, OutsourcedLinear, from_wire
 from silotune.errors import ConfigError
 from tests.conftest import FAST_JOB
 
