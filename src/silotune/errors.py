@@ -97,6 +97,25 @@ class FrameError(SilotuneError, ValueError):
     """A received frame is malformed, oversized or disagrees with its own header."""
 
 
+# ------------------------------------------------------------------ secure aggregation (secagg/)
+
+
+class MessageError(CryptoError):
+    """A secure-aggregation message is malformed; the text names the message and the field."""
+
+
+class ProtocolViolation(AuthenticationError):
+    """Another party deviated from the protocol and this silo detected it; the round aborts."""
+
+
+class PolicyError(SilotuneError):
+    """The coordinator asked a silo for less protection than its own config demands."""
+
+
+class RoundFailed(SilotuneError):
+    """Too few silos remain at a stage of a secure-aggregation round (or the sum fails a check)."""
+
+
 # ------------------------------------------------------------------ modes
 
 

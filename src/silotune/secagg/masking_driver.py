@@ -27,7 +27,7 @@ from silotune.crypto.exceptions import CryptoError
 from silotune.crypto.identity import Enrollment
 from silotune.crypto.masking import MaskingServer
 from silotune.crypto.masking_wire import KIND_MASKED, SecAggConfig, unpack_message
-from silotune.errors import SilotuneError
+from silotune.errors import RoundFailed, SilotuneError
 from silotune.secagg import wire
 from silotune.secagg.masking_common import (
     ADVERTISE,
@@ -47,10 +47,6 @@ __all__ = ["MaskingDriver", "MaskingResult", "RoundFailed", "run_round"]
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Hashable)
-
-
-class RoundFailed(SilotuneError):
-    """Too few silos remain at a stage of a secure-aggregation round (or the sum fails a check)."""
 
 
 @dataclass

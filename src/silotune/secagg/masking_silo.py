@@ -27,6 +27,7 @@ from silotune.crypto.exceptions import AuthenticationError, CryptoError, KeyMate
 from silotune.crypto.identity import Enrollment, IdentityKey
 from silotune.crypto.masking import MaskingClient
 from silotune.crypto.masking_wire import parse_unmask_request
+from silotune.errors import ProtocolViolation
 from silotune.secagg import wire
 from silotune.secagg.masking_common import (
     ADVERTISE,
@@ -50,10 +51,6 @@ __all__ = ["MaskingSilo", "ProtocolViolation"]
 
 log = logging.getLogger(__name__)
 _BOX_PURPOSE = b"secagg-masking-bundle|"
-
-
-class ProtocolViolation(AuthenticationError):
-    """Another party deviated from the protocol and this silo detected it; the round aborts."""
 
 
 class MaskingSilo:

@@ -5,16 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from silotune.errors import SilotuneError
+from silotune.errors import PolicyError
 
 __all__ = ["Method", "PolicyError", "SiloPolicy", "Weighting"]
 
 Method = Literal["none", "masking", "ckks"]
 Weighting = Literal["examples", "equal"]
-
-
-class PolicyError(SilotuneError):
-    """The coordinator asked a silo for less protection than its own config demands."""
 
 
 @dataclass(frozen=True)

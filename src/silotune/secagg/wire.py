@@ -12,7 +12,7 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
-from silotune.crypto.exceptions import CryptoError
+from silotune.errors import MessageError
 
 __all__ = ["MessageError", "Reader", "pack", "unpack"]
 
@@ -20,10 +20,6 @@ MAGIC = b"STSG"
 VERSION = 1
 MAX_HEADER = 8 << 20
 _HEAD = struct.Struct(">4sBI")  # magic, version, header length
-
-
-class MessageError(CryptoError):
-    """A secure-aggregation message is malformed; the text names the message and the field."""
 
 
 def pack(stage: str, fields: Mapping[str, Any], payload: bytes = b"") -> bytes:
