@@ -255,7 +255,7 @@ def test_a_dead_trunk_enclave_is_one_clear_error_not_a_hang(keys_dir, platform):
         assert trunk.finished.wait(30)
         assert "exited" in (trunk.error or "")
         with pytest.raises(SplitError, match="exited"):
-            runner._final_status(trunk)
+            trunk.check()
         with pytest.raises(AttestationError, match="did not answer"):
             attest_trunk(connection, trunk_policy(_silo_cfg(cfg, keys_dir, platform)), 10)
         server.stop(0.5)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from silotune.enclave.base import EnclaveError
 from silotune.enclave.ipc import tensor_to_bytes
 from silotune.enclave.simulated import SimulatedEnclave
+from silotune.errors import SplitError
 from silotune.transport.base import Connection, TransportError
 
 if TYPE_CHECKING:
@@ -105,10 +106,26 @@ class EnclaveTrunk:
         )
         return cls(enclave, tap)
 
-    @property
-    def handle(self) -> Callable[[Connection], None]:
-        """The transport server's per-connection handler."""
-        return self.relay.handle
+    def handle(self, connection: Connection) -> None:
+        """Relay one silo's connection to the enclave (the transport server's handler)."""
+        self.relay.handle(connection)
+
+    def check(self) -> None:
+        """Fetch the enclave's last records; raise SplitError if the enclave failed."""
+        try:
+            self.refresh()
+        except EnclaveError as exc:
+            self.error = self.error or str(exc)
+        if self.error is not None:
+            raise SplitError(f"the trunk's simulated enclave failed: {self.error}")
+
+    def save(self, out: Path, cfg: JobConfig) -> dict[str, Any]:
+        """The host keeps the trunk adapter only sealed to the enclave's measurement."""
+        sealed = self.save_sealed(cfg.enclave.seal_dir or out / "sealed")
+        return {"trunk_adapter_sealed": str(sealed), **self.describe()}
+
+    def describe(self) -> dict[str, Any]:
+        return {"enclave": {"backend": "simulated", "measurement": self.measurement.hex()}}
 
     @property
     def measurement(self) -> bytes:

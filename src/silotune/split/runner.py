@@ -29,7 +29,6 @@ from silotune.crypto.identity import IdentityKey
 from silotune.data.partition import partition_iid
 from silotune.data.registry import DatasetSplits, load_splits
 from silotune.data.tasks import ClassificationTask, LanguageModelingTask, make_task
-from silotune.enclave.base import EnclaveError
 from silotune.enclave.platform import load_platform_key
 from silotune.errors import ConfigError, SilotuneError
 from silotune.eval.evaluate import evaluate
@@ -51,7 +50,7 @@ from silotune.split.parts import (
 )
 from silotune.split.session import FrameSession, SplitError, open_session
 from silotune.split.silo import SplitSilo, TrunkLink, make_averager
-from silotune.split.trunk import TrunkService
+from silotune.split.trunk import Trunk, TrunkService
 from silotune.train.loop import BatchStream, make_optimizer, make_scheduler, train_step
 from silotune.train.trainer import (
     ADAPTER_DIR,
@@ -70,8 +69,6 @@ __all__ = ["build_service", "join", "run_silo", "serve", "train_split"]
 log = logging.getLogger(__name__)
 
 SILOS_DIR = "silos"
-TRUNK_ADAPTER = "trunk_adapter.safetensors"
-Trunk = TrunkService | EnclaveTrunk  # the trunk in this process, or in a simulated enclave
 
 
 # --------------------------------------------------------------------------- silo
@@ -307,34 +304,24 @@ def serve(cfg: JobConfig, overwrite: bool = False) -> dict[str, Any]:
     clock = time.perf_counter()
     try:
         service.finished.wait()
-        if isinstance(service, EnclaveTrunk):
-            _final_status(service)
+        service.check()
         return _coordinator_summary(cfg, service, time.perf_counter() - clock)
     finally:
         server.stop(grace=1.0)
-        if isinstance(service, EnclaveTrunk):
-            service.close()
+        service.close()
 
 
 def _coordinator_summary(cfg: JobConfig, service: Trunk, seconds: float) -> dict[str, Any]:
-    from safetensors.torch import save_file
-
     out = cfg.output_dir
     summary: dict[str, Any] = {
         "mode": "split",
         "role": "coordinator",
         "server_mode": cfg.split.server_mode,
         "seconds": seconds,
-        "trunk_steps": _commits(service),
+        "trunk_steps": service.commits,
         "sessions": [vars(r) for r in service.records],
     }
-    if isinstance(service, EnclaveTrunk):  # the host keeps the trunk adapter only sealed
-        sealed = service.save_sealed(cfg.enclave.seal_dir or out / "sealed")
-        summary["trunk_adapter_sealed"] = str(sealed)
-        summary["enclave"] = {"backend": "simulated", "measurement": service.measurement.hex()}
-    else:
-        save_file(service.engine.trunk_state(), out / TRUNK_ADAPTER, metadata={"format": "pt"})
-        summary["trunk_adapter"] = str(out / TRUNK_ADAPTER)
+    summary.update(service.save(out, cfg))
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
 
@@ -348,23 +335,6 @@ def _start_enclave(
         trunk.measurement.hex(),
     )
     return trunk
-
-
-def _commits(service: Trunk) -> int:
-    return service.commits if isinstance(service, EnclaveTrunk) else service.engine.commits
-
-
-def _final_status(service: EnclaveTrunk) -> None:
-    """Fetch the enclave's last records; raise SplitError if the enclave failed."""
-    try:
-        service.refresh()
-    except EnclaveError as exc:
-        service.error = service.error or str(exc)
-    if service.error is not None:
-        raise SplitError(f"the trunk's simulated enclave failed: {service.error}")
-
-
-# --------------------------------------------------------------------------- one machine
 
 
 def _silo_process(
@@ -448,16 +418,14 @@ def train_split(
                 process.start()
                 processes.append(process)
             _wait(processes, service, cfg, progress)
-            if isinstance(service, EnclaveTrunk):
-                _final_status(service)
+            service.check()
         finally:
             for process in processes:
                 if process.is_alive():
                     process.kill()
                     process.join(5)
             server.stop(grace=1.0)
-            if isinstance(service, EnclaveTrunk):
-                service.close()
+            service.close()
         seconds = time.perf_counter() - clock
     return _merge_outputs(cfg, names, processes, service, seconds)
 
@@ -519,15 +487,11 @@ def _merge_outputs(
             "silos": len(names),
             "failed_silos": sorted(failed),
             "wire_bytes_per_step_silo0": silo0["wire_bytes_per_step"],
-            "trunk_steps": _commits(service),
+            "trunk_steps": service.commits,
             "sessions": [vars(r) for r in service.records],
         },
     }
-    if isinstance(service, EnclaveTrunk):
-        summary["split"]["enclave"] = {
-            "backend": "simulated",
-            "measurement": service.measurement.hex(),
-        }
+    summary["split"].update(service.describe())
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     (out / CONFIG_FILE).write_text(dump_config(cfg), encoding="utf-8")
     return summary

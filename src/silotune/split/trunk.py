@@ -32,7 +32,8 @@ import logging
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -54,9 +55,13 @@ from silotune.transport.frames import (
     FrameError,
 )
 
-__all__ = ["SessionRecord", "TrunkService", "check_activation"]
+__all__ = ["SessionRecord", "Trunk", "TrunkService", "check_activation"]
+
+if TYPE_CHECKING:
+    from silotune.config import JobConfig
 
 log = logging.getLogger(__name__)
+TRUNK_ADAPTER = "trunk_adapter.safetensors"
 
 MAX_ROWS = 4096  # most sequences one forward frame may carry
 AVERAGING = ("none", "masking")  # split.secure_averaging
@@ -111,6 +116,42 @@ def _number(meta: dict[str, Any], key: str, low: float, high: float) -> float:
     if not low <= value <= high:
         raise FrameError(f"frame meta '{key}' must be in [{low}, {high}], got {value}")
     return float(value)
+
+
+class Trunk(Protocol):
+    """What the coordinator runs the trunk as: in this process, or inside an enclave.
+
+    :class:`TrunkService` and :class:`~silotune.split.enclave_trunk.EnclaveTrunk` both serve
+    silos' connections, keep a record per session, and save the trunk adapter their own way.
+    """
+
+    records: list[SessionRecord]
+    finished: threading.Event
+
+    def handle(self, connection: Connection) -> None:
+        """Serve one silo's connection to its end."""
+        ...
+
+    @property
+    def commits(self) -> int:
+        """Optimizer steps the trunk took."""
+        ...
+
+    def check(self) -> None:
+        """Raise SplitError if the trunk failed (an enclave that died, say)."""
+        ...
+
+    def save(self, out: Path, cfg: JobConfig) -> dict[str, Any]:
+        """Write the trunk adapter under ``out``; return what the run summary says of it."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """What the run summary says of where the trunk ran (empty: in this process)."""
+        ...
+
+    def close(self) -> None:
+        """Release what the trunk holds (processes, threads)."""
+        ...
 
 
 @dataclass
@@ -168,6 +209,26 @@ class TrunkService:
     @property
     def timeout(self) -> float:
         return self.engine.roster.timeout
+
+    @property
+    def commits(self) -> int:
+        return self.engine.commits
+
+    def check(self) -> None:
+        """Nothing can fail out of sight in this process."""
+
+    def save(self, out: Path, cfg: JobConfig) -> dict[str, Any]:
+        """Write ``trunk_adapter.safetensors`` (the coordinator's own adapter, in clear)."""
+        from safetensors.torch import save_file
+
+        save_file(self.engine.trunk_state(), out / TRUNK_ADAPTER, metadata={"format": "pt"})
+        return {"trunk_adapter": str(out / TRUNK_ADAPTER)}
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        """The service holds nothing beyond its sessions' threads."""
 
     def handle(self, connection: Connection) -> None:
         """Run one silo's session to its end; never raises for what the silo did."""
