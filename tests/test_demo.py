@@ -18,7 +18,7 @@ def test_sections_see_the_same_number_of_examples(tmp_path) -> None:
     assert cent.train.max_steps == 40
     assert fed.federation.rounds * fed.federation.local_steps == 40
     assert split.train.max_steps * split.split.silos == 40
-    assert fed.federation.secure_aggregation == "ckks" and fed.federation.silos == 3
+    assert fed.federation.secure_aggregation == "he" and fed.federation.silos == 3
 
 
 def test_unknown_section_is_refused(tmp_path) -> None:
@@ -35,4 +35,4 @@ def test_demo_runs_every_section_and_prints_the_table(tmp_path) -> None:
         assert 0.0 <= scores["accuracy"] <= 1.0 and scores["examples"] == 80
     for section in SECTIONS:
         assert (tmp_path / section / "adapter" / "adapter_model.safetensors").is_file()
-    assert "test accuracy" in out.getvalue() and "federated (3 silos, ckks)" in out.getvalue()
+    assert "test accuracy" in out.getvalue() and "federated (3 silos, he)" in out.getvalue()

@@ -1,7 +1,7 @@
 """`silotune demo`: short end-to-end runs on embedded defaults, ending with a before/after table.
 
 Three sections on the same model, data and test set: centralized LoRA (the reference), federated
-LoRA with 3 simulated silos and homomorphic aggregation (`ckks`), and split learning with 2 silos
+LoRA with 3 simulated silos and homomorphic aggregation (`he`), and split learning with 2 silos
 over gRPC + TLS + AEAD on loopback.
 """
 
@@ -34,7 +34,7 @@ BASE_JOB: dict[str, Any] = {
 }
 TITLES = {
     "centralized": "centralized",
-    "federated": "federated (3 silos, ckks)",
+    "federated": "federated (3 silos, he)",
     "split": "split (2 silos)",
 }
 
@@ -45,7 +45,7 @@ def section_config(section: str, steps: int, output_dir: Path) -> JobConfig:
     overrides = [f"train.max_steps={steps}", f"train.eval_every={max(1, steps // 4)}"]
     if section == "federated":
         rounds = 4
-        job["federation"] = {"silos": 3, "rounds": rounds, "secure_aggregation": "ckks"}
+        job["federation"] = {"silos": 3, "rounds": rounds, "secure_aggregation": "he"}
         overrides.append(f"federation.local_steps={max(1, steps // rounds)}")
     elif section == "split":
         job["split"] = {"silos": 2, "server_mode": "client-batching", "sync_every": 10}

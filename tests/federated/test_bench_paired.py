@@ -45,14 +45,14 @@ def test_divergence_and_paired_last_round(tmp_path: Path) -> None:
     assert rows[0]["rel_l2"] < 1e-5
 
     paired = federated_paired.paired_last_round(runs["none"])
-    assert set(paired) == {"none", "masking", "ckks"}
+    assert set(paired) == {"none", "masking", "he"}
     # Recomputing the last round in this process reproduces the plain run's final model.
     assert paired["none"]["accuracy"] == summaries["none"]["test"]["accuracy"]
     assert paired["none"]["max_abs_diff"] == 0.0
     # Within each codec's quantisation step (masking 32-bit, HE two values per BFV slot).
     assert 0 < paired["masking"]["max_abs_diff"] < 1e-8
-    assert 0 < paired["ckks"]["max_abs_diff"] < 1e-5
-    assert federated_paired.summarise(paired) == {"masking": 0.0, "ckks": 0.0}
+    assert 0 < paired["he"]["max_abs_diff"] < 1e-5
+    assert federated_paired.summarise(paired) == {"masking": 0.0, "he": 0.0}
 
 
 def test_paired_check_needs_every_round_kept(tmp_path: Path) -> None:

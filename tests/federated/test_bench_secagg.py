@@ -16,14 +16,14 @@ def test_quick_secagg_benchmark_schema_and_targets() -> None:
     assert result["bench"] == "secagg" and result["silos"] == 4
     assert result["params"] == secagg.QUICK_PARAMS
     methods = result["results"]
-    assert list(methods) == ["plain", "masking", "ckks", "fedshield_baseline"]
+    assert list(methods) == ["plain", "masking", "he", "fedshield_baseline"]
     keys = {"encode_s", "bytes_per_param", "aggregate_s", "decode_s", "max_abs_err"}
     assert all(set(m) == keys for m in methods.values())
     assert methods["plain"]["bytes_per_param"] == 4.0
     assert methods["masking"]["bytes_per_param"] < 4.001  # uint32 plus a 30-byte header
-    assert methods["ckks"]["bytes_per_param"] <= 8.0
+    assert methods["he"]["bytes_per_param"] <= 8.0
     assert methods["fedshield_baseline"]["bytes_per_param"] > 80
-    for name in ("masking", "ckks"):
+    for name in ("masking", "he"):
         assert methods[name]["max_abs_err"] <= 1e-4
     assert "bench secagg" in console.file.getvalue()
     auth = result["authentication"]

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 
 from silotune.adapters.peft_adapters import save_adapter
 from silotune.config import JobConfig, config_from_dict
-from silotune.crypto import ckks
+from silotune.crypto import he
 from silotune.crypto.exceptions import KeyMaterialError
 from silotune.crypto.fixedpoint import FixedPointCodec
 from silotune.federated import silo
@@ -98,7 +98,7 @@ def test_plain_round_is_example_weighted_mean_of_local_minus_global(plain) -> No
     assert records[0]["silos"] == 3 and records[0]["dropped"] == 0
 
 
-@pytest.mark.parametrize("mode", ["masking", "ckks"])
+@pytest.mark.parametrize("mode", ["masking", "he"])
 def test_secure_aggregation_equals_plain_weighted_fedavg(tmp_path: Path, plain, mode: str) -> None:
     _, want, plain_summary = plain
     cfg = make_cfg(tmp_path, mode, secure_aggregation=mode)
@@ -108,7 +108,7 @@ def test_secure_aggregation_equals_plain_weighted_fedavg(tmp_path: Path, plain, 
         tol = FixedPointCodec(clip=CLIP, n_silos=3, bits=32).sum_tolerance(3)
         assert summary["upload_bytes_per_silo_per_round"] < 4.01 * got.size
     else:
-        tol = ckks.CkksParams(clip=CLIP).codec.sum_tolerance(3)
+        tol = he.HeParams(clip=CLIP).codec.sum_tolerance(3)
     assert np.abs(got - want).max() <= tol + 1e-7
     assert summary["secure_aggregation"] == mode
 
@@ -155,18 +155,18 @@ def test_round_fails_clearly_below_min_silos(tmp_path: Path) -> None:
 
 
 def test_ckks_coordinator_context_cannot_decrypt(tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path, "he", secure_aggregation="ckks")
+    cfg = make_cfg(tmp_path, "he", secure_aggregation="he")
     _, coordinator, grid = run_in_process(cfg)
-    public = ckks.CkksKeys.load(coordinator.he.public_context)
+    public = he.HeKeys.load(coordinator.he.public_context)
     assert not public.is_private
     with pytest.raises(KeyMaterialError, match="secret key"):
-        ckks.decrypt_aggregate(public, ckks.encrypt_update(public, np.zeros(8), 0.5), 8)
+        he.decrypt_aggregate(public, he.encrypt_update(public, np.zeros(8), 0.5), 8)
     with pytest.raises(KeyMaterialError):
         public.serialize_secret()
     # The secret went to the peers only sealed: no message the coordinator relayed holds it.
     leader_state = grid.contexts[min(grid.contexts)].state.config_records["silotune"]
     secret = bytes(leader_state["he_secret"])
-    assert ckks.CkksKeys.load(secret).is_private
+    assert he.HeKeys.load(secret).is_private
     for msg in grid.sent:
         for record in msg.content.array_records.values():
             for name in record:
@@ -211,11 +211,11 @@ def test_tampered_ciphertext_drops_its_silo(tmp_path: Path, caplog) -> None:
             blob[len(blob) // 2] ^= 0x40
             content.array_records["arrays"]["ciphertext"] = silo.to_array(bytes(blob))
 
-    cfg = make_cfg(tmp_path, "tamper-he", secure_aggregation="ckks")
+    cfg = make_cfg(tmp_path, "tamper-he", secure_aggregation="he")
     with caplog.at_level(logging.WARNING):
         run_in_process(cfg, tamper=flip)
     assert "silo node 1001 dropped: the ciphertext of silo 'silo-1'" in caplog.text
-    tol = ckks.CkksParams(clip=CLIP).codec.sum_tolerance(3)
+    tol = he.HeParams(clip=CLIP).codec.sum_tolerance(3)
     assert np.abs(adapter(cfg) - expected_fedavg(cfg, [0, 2])).max() <= tol + 1e-6
 
 
@@ -226,7 +226,7 @@ def test_tampered_secret_context_is_rejected(tmp_path: Path, caplog) -> None:
             blob[100] ^= 1
             content.array_records["sealed"]["1002"] = silo.to_array(bytes(blob))
 
-    cfg = make_cfg(tmp_path, "tamper-key", secure_aggregation="ckks")
+    cfg = make_cfg(tmp_path, "tamper-key", secure_aggregation="he")
     with caplog.at_level(logging.WARNING):
         _, coordinator, _ = run_in_process(cfg, tamper=flip)
     assert coordinator.he.holders == [1000, 1001]
@@ -258,7 +258,7 @@ def test_restarted_coordinator_resumes_from_the_last_round(tmp_path: Path) -> No
     assert len(rounds) == 2
 
 
-@pytest.mark.parametrize("mode", ["none", "masking", "ckks"])
+@pytest.mark.parametrize("mode", ["none", "masking", "he"])
 def test_pruning_shrinks_upload_in_proportion_to_density(tmp_path: Path, plain, mode: str) -> None:
     length = plain[1].size
     pruning = {"enabled": True, "start_round": 1, "end_round": 1, "target_rate": 0.75}
@@ -270,7 +270,7 @@ def test_pruning_shrinks_upload_in_proportion_to_density(tmp_path: Path, plain, 
     elif mode == "masking":  # uint32 values plus a fixed 30-byte header
         assert sparse == 4 * kept + 30
     else:  # whole BFV ciphertexts of 8192 values (about 64 KiB each)
-        dense = make_cfg(tmp_path, "dense", secure_aggregation="ckks")
+        dense = make_cfg(tmp_path, "dense", secure_aggregation="he")
         full = run_in_process(dense)[0]["upload_bytes_per_silo_per_round"]
         ratio = np.ceil(kept / 8192) / np.ceil(length / 8192)
         assert sparse / full == pytest.approx(ratio, rel=0.05)
@@ -395,7 +395,7 @@ def test_substituted_key_never_receives_the_he_secret(tmp_path: Path) -> None:
             fake = public_bytes(new_transport_key())
             content.array_records["arrays"]["transport_pk"] = silo.to_array(fake)
 
-    cfg = make_cfg(tmp_path, "mitm-he", secure_aggregation="ckks")
+    cfg = make_cfg(tmp_path, "mitm-he", secure_aggregation="he")
     with pytest.raises(FederationError, match="key leader failed .*not signed by enrolled silo"):
         run_in_process(cfg, tamper=substitute)
 
@@ -430,11 +430,11 @@ def test_a_lying_decrypter_is_caught_and_the_round_uses_honest_ones(
             bad = values * 10 if lie == "times10" else np.full_like(values, np.nan)
             content.array_records["arrays"]["sum"] = silo.to_array(bad.astype(np.float32))
 
-    cfg = make_cfg(tmp_path, f"liar-{lie}", secure_aggregation="ckks")
+    cfg = make_cfg(tmp_path, f"liar-{lie}", secure_aggregation="he")
     with caplog.at_level(logging.WARNING):
         run_in_process(cfg, tamper=lying)
     assert "silo node 1000 returned a bad sum" in caplog.text
-    tol = ckks.CkksParams(clip=CLIP).codec.sum_tolerance(3)
+    tol = he.HeParams(clip=CLIP).codec.sum_tolerance(3)
     assert np.abs(adapter(cfg) - want).max() <= tol + 1e-7
 
 

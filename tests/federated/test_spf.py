@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 from silotune.adapters.peft_adapters import save_adapter
 from silotune.adapters.spf import SPF_FILE, select_rows
 from silotune.config import JobConfig, SPFConfig, config_from_dict
-from silotune.crypto import ckks
+from silotune.crypto import he
 from silotune.crypto.fixedpoint import FixedPointCodec
 from silotune.eval.runner import evaluate_job
 from silotune.federated import silo
@@ -110,7 +110,7 @@ def test_restarted_coordinator_resumes_lora_and_spf_from_the_last_round(plain) -
     assert np.abs(got - want).max() < 1e-6
 
 
-@pytest.mark.parametrize("mode", ["none", "masking", "ckks"])
+@pytest.mark.parametrize("mode", ["none", "masking", "he"])
 def test_one_round_is_the_weighted_mean_of_the_silos_lora_and_spf_updates(
     tmp_path: Path, mode: str
 ) -> None:
@@ -120,6 +120,6 @@ def test_one_round_is_the_weighted_mean_of_the_silos_lora_and_spf_updates(
     tol = 0.0
     if mode == "masking":
         tol = FixedPointCodec(clip=CLIP, n_silos=2, bits=32).sum_tolerance(2)
-    elif mode == "ckks":
-        tol = ckks.CkksParams(clip=CLIP).codec.sum_tolerance(2)
+    elif mode == "he":
+        tol = he.HeParams(clip=CLIP).codec.sum_tolerance(2)
     assert np.abs(got - want).max() <= tol + 1e-6

@@ -99,7 +99,7 @@ def test_masking_client_state_survives_a_process_boundary() -> None:
     [
         ({"silos": 2, "min_silos": 3}, "min_silos \\(3\\) exceeds silos \\(2\\)"),
         ({"secure_aggregation": "masking", "min_silos": 1}, "needs min_silos >= 2"),
-        ({"secure_aggregation": "ckks", "silos": 17}, "at most 16 silos"),
+        ({"secure_aggregation": "he", "silos": 17}, "at most 16 silos"),
         ({"masking_threshold": 3, "min_silos": 2}, "masking_threshold must be <= min_silos"),
         ({"pruning": {"start_round": 5, "end_round": 2}}, "end_round must be >= "),
         ({"strategy": "fedsgd"}, "federation.strategy"),
@@ -110,3 +110,14 @@ def test_masking_client_state_survives_a_process_boundary() -> None:
 def test_bad_federation_config_names_the_problem(federation: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         config_from_dict({"mode": "federated", "federation": federation})
+
+
+def test_ckks_is_accepted_as_the_former_name_of_he(caplog) -> None:
+    import logging
+
+    from silotune.config.federation import FederationConfig
+
+    with caplog.at_level(logging.WARNING):
+        fed = FederationConfig(secure_aggregation="ckks")
+    assert fed.secure_aggregation == "he"
+    assert "'ckks' is deprecated; write 'he'" in caplog.text

@@ -14,9 +14,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from silotune.crypto import ckks
+from silotune.crypto import he
 from silotune.crypto.identity import Enrollment, IdentityKey
-from silotune.secagg.he import (
+from silotune.secagg.he_guard import (
     Contribution,
     DecryptionGuard,
     pack_contributions,
@@ -33,7 +33,7 @@ EXAMPLES = [100, 300, 200]
 
 @pytest.fixture(scope="module")
 def world():
-    keys = ckks.CkksKeys.generate(ckks.CkksParams(clip=CLIP))
+    keys = he.HeKeys.generate(he.HeParams(clip=CLIP))
     ids = {f"silo-{i}": IdentityKey.generate() for i in range(3)}
     enrollment = Enrollment({n: k.public for n, k in ids.items()})
     return keys, ids, enrollment
@@ -45,13 +45,13 @@ def contributions(world, job, round_id=1, examples=EXAMPLES, xs=None):
     total = sum(examples)
     out = []
     for (name, key), x, n in zip(sorted(ids.items()), xs, examples, strict=True):
-        ct = ckks.encrypt_update(keys, x, n / total)
+        ct = he.encrypt_update(keys, x, n / total)
         out.append(Contribution.sign(key, job, round_id, name, ct, n, n / total))
     return out
 
 
 def guard(world, min_silos=2, history=None):
-    policy = SiloPolicy("ckks", min_silos, CLIP, "examples", 1_000_000)
+    policy = SiloPolicy("he", min_silos, CLIP, "examples", 1_000_000)
     return DecryptionGuard(policy, world[2], {} if history is None else history)
 
 
@@ -60,7 +60,7 @@ def test_honest_request_decrypts_the_weighted_sum_and_signs_it(world):
     job, xs = new_job_id(), updates(3)
     request = pack_contributions(job, 1, contributions(world, job, xs=xs))
     values, sig, names = guard(world).decrypt(keys, request, xs[0].size, ids["silo-0"], "silo-0")
-    tol = ckks.CkksParams(clip=CLIP).codec.sum_tolerance(3)
+    tol = he.HeParams(clip=CLIP).codec.sum_tolerance(3)
     assert np.abs(values - fedavg(xs, EXAMPLES)).max() <= tol + 1e-7
     verify_sum(enrollment, "silo-0", sig, job, 1, values, names)
     with pytest.raises(Exception, match="does not verify"):
@@ -72,8 +72,8 @@ def test_a_single_ciphertext_padded_with_zeros_is_refused(world):
     keys, ids, _ = world
     job = new_job_id()
     items = contributions(world, job)
-    zero = ckks.encrypt_update(keys, np.zeros(300), 0.5)
-    padded = ckks.sum_ciphertexts(keys, [items[1].ciphertext, zero, zero])
+    zero = he.encrypt_update(keys, np.zeros(300), 0.5)
+    padded = he.sum_ciphertexts(keys, [items[1].ciphertext, zero, zero])
     forged = [replace(items[1], ciphertext=padded)]
     with pytest.raises(ProtocolViolation, match="min_silos is 2"):
         guard(world).decrypt(keys, pack_contributions(job, 1, forged), 300, None, "silo-0")
@@ -88,7 +88,7 @@ def test_the_coordinators_own_ciphertext_is_refused(world):
     keys, ids, _ = world
     job = new_job_id()
     items = contributions(world, job)
-    mine = ckks.encrypt_update(keys, np.zeros(300), 0.5)  # unsigned: the coordinator has no key
+    mine = he.encrypt_update(keys, np.zeros(300), 0.5)  # unsigned: the coordinator has no key
     forged = [items[0], replace(items[1], ciphertext=mine)]
     with pytest.raises(ProtocolViolation, match="does not verify"):
         guard(world).decrypt(keys, pack_contributions(job, 1, forged), 300, None, "silo-0")
@@ -122,7 +122,7 @@ def test_forged_weights_are_refused(world):
     weights = [0.001, 0.998, 0.001]  # what the coordinator told each silo
     items = []
     for (name, key), x, n, w in zip(sorted(ids.items()), xs, EXAMPLES, weights, strict=True):
-        items.append(Contribution.sign(key, job, 1, name, ckks.encrypt_update(keys, x, w), n, w))
+        items.append(Contribution.sign(key, job, 1, name, he.encrypt_update(keys, x, w), n, w))
     with pytest.raises(ProtocolViolation, match="inconsistent weights"):
         guard(world).decrypt(keys, pack_contributions(job, 1, items), 300, None, "silo-0")
 
@@ -141,7 +141,7 @@ def test_an_inflated_example_count_is_refused(world):
     keys, _, _ = world
     job = new_job_id()
     items = contributions(world, job, examples=[100, 10**9, 200])
-    policy = SiloPolicy("ckks", 2, CLIP, "examples", 10_000)
+    policy = SiloPolicy("he", 2, CLIP, "examples", 10_000)
     with pytest.raises(Exception, match="allowed 1..10000"):
         DecryptionGuard(policy, world[2], {}).decrypt(
             keys, pack_contributions(job, 1, items), 300, None, "silo-0"

@@ -31,7 +31,7 @@ from silotune.dispatch import run_job
 
 SILOS = 3
 PARTITIONS = ("iid", "dirichlet")
-SECURE = ("masking", "ckks")
+SECURE = ("masking", "he")
 CONTROL_PARTITION = "dirichlet"
 CONTROL = f"federated {CONTROL_PARTITION} none + 1e-9 noise"
 CONTROL_CLIP = 1e6  # far above any update norm (about 5-8 here): nothing is clipped

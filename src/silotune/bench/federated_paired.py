@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from silotune.adapters.peft_adapters import read_adapter_dir, set_adapter_state
 from silotune.bench.secagg import masking_round
 from silotune.config import JobConfig
-from silotune.crypto import ckks
+from silotune.crypto import he
 from silotune.eval.evaluate import evaluate
 from silotune.federated import silo
 from silotune.federated.vectors import flatten, load_flat
@@ -77,10 +77,10 @@ def _secure_sums(
     weights = [n / sum(examples) for n in examples]
     plain = np.sum([w * x.astype(np.float64) for x, w in zip(xs, weights, strict=True)], axis=0)
     _, masked, _ = masking_round(xs, examples=examples, clip=clip)
-    keys = ckks.CkksKeys.generate(ckks.CkksParams(clip=clip))
-    cts = [ckks.encrypt_update(keys, x, w) for x, w in zip(xs, weights, strict=True)]
-    he = ckks.decrypt_aggregate(keys, ckks.aggregate(keys.serialize_public(), cts), xs[0].size)
-    return {"none": plain.astype(np.float32), "masking": masked, "ckks": he}
+    keys = he.HeKeys.generate(he.HeParams(clip=clip))
+    cts = [he.encrypt_update(keys, x, w) for x, w in zip(xs, weights, strict=True)]
+    total = he.decrypt_aggregate(keys, he.aggregate(keys.serialize_public(), cts), xs[0].size)
+    return {"none": plain.astype(np.float32), "masking": masked, "he": total}
 
 
 def paired_last_round(cfg: JobConfig) -> dict[str, dict[str, float]]:
@@ -117,4 +117,4 @@ def paired_last_round(cfg: JobConfig) -> dict[str, dict[str, float]]:
 def summarise(paired: dict[str, dict[str, float]]) -> dict[str, Any]:
     """Accuracy points of each secure method vs plain aggregation of the same updates."""
     base = paired["none"]["accuracy"]
-    return {m: round(100 * (paired[m]["accuracy"] - base), 2) for m in ("masking", "ckks")}
+    return {m: round(100 * (paired[m]["accuracy"] - base), 2) for m in ("masking", "he")}

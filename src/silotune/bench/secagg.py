@@ -29,7 +29,8 @@ from numpy.typing import NDArray
 from rich.console import Console
 from rich.table import Table
 
-from silotune.crypto import box, ckks, masking, prg
+from silotune.bench import fedshield
+from silotune.crypto import box, he, masking, prg
 from silotune.crypto.identity import Enrollment, IdentityKey
 from silotune.secagg.masking_common import MASKED_INPUT
 from silotune.secagg.masking_driver import MaskingDriver
@@ -234,16 +235,16 @@ def _masking(xs: list[NDArray[np.float32]], want: NDArray[np.float64]) -> dict[s
 
 
 def _ckks(xs: list[NDArray[np.float32]], want: NDArray[np.float64]) -> dict[str, float]:
-    keys = ckks.CkksKeys.generate(ckks.CkksParams(clip=CLIP))
+    keys = he.HeKeys.generate(he.HeParams(clip=CLIP))
     public = keys.serialize_public()
     t0 = time.perf_counter()
-    cts = [ckks.encrypt_update(keys, x, w) for x, w in zip(xs, WEIGHTS, strict=True)]
+    cts = [he.encrypt_update(keys, x, w) for x, w in zip(xs, WEIGHTS, strict=True)]
     encode = (time.perf_counter() - t0) / len(xs)
     t0 = time.perf_counter()
-    agg = ckks.aggregate(public, cts)
+    agg = he.aggregate(public, cts)
     aggregate = time.perf_counter() - t0
     t0 = time.perf_counter()
-    total = ckks.decrypt_aggregate(keys, agg, xs[0].size)
+    total = he.decrypt_aggregate(keys, agg, xs[0].size)
     decode = time.perf_counter() - t0
     return {
         "encode_s": encode,
@@ -270,19 +271,19 @@ def _silence_native_stdout() -> Iterator[None]:
 
 
 def _fedshield(xs: list[NDArray[np.float32]]) -> dict[str, float]:
-    context = ckks.fedshield_baseline_context()
+    context = fedshield.baseline_context()
     tensors = [[x[j : j + TENSOR] for j in range(0, x.size, TENSOR)] for x in xs]
     with _silence_native_stdout():
         t0 = time.perf_counter()
-        per_silo = [ckks.fedshield_encrypt(context, t) for t in tensors]
+        per_silo = [fedshield.encrypt(context, t) for t in tensors]
         encode = (time.perf_counter() - t0) / len(xs)
     size = sum(len(c) for c in per_silo[0])
     t0 = time.perf_counter()
-    agg = ckks.fedshield_aggregate(context, per_silo)
+    agg = fedshield.aggregate(context, per_silo)
     aggregate = time.perf_counter() - t0
     del per_silo
     t0 = time.perf_counter()
-    mean = np.concatenate(ckks.fedshield_decrypt(context, agg))
+    mean = np.concatenate(fedshield.decrypt(context, agg))
     decode = time.perf_counter() - t0
     want = np.mean([x.astype(np.float64) for x in xs], axis=0)
     return {
@@ -300,7 +301,7 @@ def run(quick: bool, console: Console) -> dict[str, Any]:
     xs = make_updates(length)
     want = np.sum([x.astype(np.float64) * w for x, w in zip(xs, WEIGHTS, strict=True)], axis=0)
     results: dict[str, dict[str, float]] = {}
-    for name, fn in (("plain", _plain), ("masking", _masking), ("ckks", _ckks)):
+    for name, fn in (("plain", _plain), ("masking", _masking), ("he", _ckks)):
         console.log(f"secagg: {name}")
         results[name] = fn(xs, want)
     console.log("secagg: masking with one silo lost before upload")
@@ -334,7 +335,7 @@ def run(quick: bool, console: Console) -> dict[str, Any]:
         f"{dropped_err:.2e}",
     )
     console.print(table)
-    c, m, f = results["ckks"], results["masking"], results["fedshield_baseline"]
+    c, m, f = results["he"], results["masking"], results["fedshield_baseline"]
     console.print(
         f"targets: ckks {c['bytes_per_param']:.3f} B/param (<= 8), encode "
         f"{f['encode_s'] / c['encode_s']:.1f}x faster than fedshield_baseline (>= 3); masking "

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# CkksParams.max_silos: the packed BFV fields of a sum of more updates could carry into each other.
-CKKS_MAX_SILOS = 16
+log = logging.getLogger(__name__)
+
+# HeParams.max_silos: the packed BFV fields of a sum of more updates could carry into each other.
+HE_MAX_SILOS = 16
 
 
 class _Strict(BaseModel):
@@ -75,10 +78,10 @@ class FederationConfig(_Strict):
         "iid", description="how data is split (simulation)"
     )
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration for partition: dirichlet")
-    secure_aggregation: Literal["none", "masking", "ckks"] = Field(
+    secure_aggregation: Literal["none", "masking", "he"] = Field(
         "none",
-        description="none, pairwise masking (SecAgg), or homomorphic aggregation (TenSEAL; BFV "
-        "with two fixed-point values per slot, see docs/federated.md)",
+        description="none, pairwise masking (SecAgg), or he: homomorphic aggregation (TenSEAL BFV "
+        "with two fixed-point values per slot; 'ckks', its former name, is accepted)",
     )
     masking_threshold: int | None = Field(
         None, ge=2, description="masking: Shamir threshold; default a majority of the round's silos"
@@ -86,7 +89,7 @@ class FederationConfig(_Strict):
     secagg_clip: float = Field(
         0.25,
         gt=0,
-        description="masking/ckks: each pre-weighted update value is clipped to [-clip, clip] "
+        description="masking/he: each pre-weighted update value is clipped to [-clip, clip] "
         "before fixed-point encoding (smaller = finer quantisation)",
     )
     weighting: Literal["examples", "equal"] = Field(
@@ -104,7 +107,7 @@ class FederationConfig(_Strict):
         2,
         ge=1,
         le=2,
-        description="ckks: key holders that decrypt each round's sum; with 2 the coordinator "
+        description="he: key holders that decrypt each round's sum; with 2 the coordinator "
         "compares their signed sums, so one lying decrypter is caught",
     )
     allow_unauthenticated: bool = Field(
@@ -131,6 +134,14 @@ class FederationConfig(_Strict):
         True, description="run every silo on this machine via Flower simulation"
     )
 
+    @field_validator("secure_aggregation", mode="before")
+    @classmethod
+    def _former_name(cls, value: object) -> object:
+        if value == "ckks":  # the scheme was always BFV; the name said CKKS
+            log.warning("federation.secure_aggregation: 'ckks' is deprecated; write 'he'")
+            return "he"
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> FederationConfig:
         # A silo needs both identity_key and enrollment (checked where they load); the
@@ -141,8 +152,8 @@ class FederationConfig(_Strict):
             raise ValueError(
                 "secure aggregation needs min_silos >= 2 (a sum of one update is that update)"
             )
-        if self.secure_aggregation == "ckks" and self.silos > CKKS_MAX_SILOS:
-            raise ValueError(f"secure_aggregation ckks supports at most {CKKS_MAX_SILOS} silos")
+        if self.secure_aggregation == "he" and self.silos > HE_MAX_SILOS:
+            raise ValueError(f"secure_aggregation he supports at most {HE_MAX_SILOS} silos")
         if self.masking_threshold is not None and self.masking_threshold > self.min_silos:
             raise ValueError(
                 "masking_threshold must be <= min_silos, or a round could complete without "

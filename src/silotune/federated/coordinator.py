@@ -110,7 +110,7 @@ class Coordinator:
         mode = self.fed.secure_aggregation
         if mode == "masking":
             return protocols.masking_round(self.grid, nodes, self.fed, inp)
-        if mode == "ckks":
+        if mode == "he":
             assert self.he is not None
             return protocols.he_round(self.grid, nodes, self.fed, inp, self.he)
         return protocols.plain_round(self.grid, nodes, self.fed, inp)
@@ -141,7 +141,7 @@ class Coordinator:
             log.info("Resuming the federation after round %d (%s)", start, ckpt)
         metrics = MetricsLog(out / METRICS_FILE, keep_until_step=start if self.resume else None)
         nodes = self._nodes()
-        if fed.secure_aggregation == "ckks":
+        if fed.secure_aggregation == "he":
             self.he = protocols.he_setup(self.grid, nodes, fed, self.job_id)
             nodes = self.he.holders
         clock = time.perf_counter()

@@ -5,7 +5,7 @@ not answer, or sends a reply with a missing or malformed field is dropped from t
 log line naming the silo and the field; the round goes on while ``federation.min_silos`` remain.
 Nothing a single silo sends ends the job. Masking runs the one stage driver of
 :mod:`silotune.secagg.masking_driver` (Flower is only its carrier); HE decryption goes through the
-silos' :class:`~silotune.secagg.he.DecryptionGuard`.
+silos' :class:`~silotune.secagg.he_guard.DecryptionGuard`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from numpy.typing import NDArray
 
 from silotune.config.federation import FederationConfig
-from silotune.crypto import ckks
+from silotune.crypto import he
 from silotune.crypto.exceptions import CryptoError
 from silotune.crypto.identity import Enrollment
 from silotune.errors import SilotuneError
@@ -33,7 +33,7 @@ from silotune.federated.vectors import (
     records,
     to_array,
 )
-from silotune.secagg import he
+from silotune.secagg import he_guard
 from silotune.secagg.masking_common import ADVERTISE
 from silotune.secagg.masking_driver import MaskingDriver, RoundFailed, run_round
 
@@ -277,7 +277,7 @@ def he_setup(grid: Grid, nodes: list[int], fed: FederationConfig, job: bytes) ->
         raise FederationError(f"HE key setup failed: the key leader failed ({failed[leader]})")
     try:
         public = get_bytes(answer[leader], "arrays", "public")
-        if ckks.CkksKeys.load(public).is_private:
+        if he.HeKeys.load(public).is_private:
             raise FederationError("the key leader sent the coordinator a secret key")
         sealed = answer[leader].array_records["sealed"]
     except (FederationError, CryptoError, KeyError) as exc:
@@ -307,12 +307,12 @@ def he_round(
         for n in nodes
     }
     replies, dropped = exchange(grid, body, silo.HE_TRAIN, r, timeout)
-    items: dict[int, he.Contribution] = {}
+    items: dict[int, he_guard.Contribution] = {}
     losses, norms = {}, []
     for node, reply in replies.items():
         try:
             n, loss, norm = _summary(reply, fed)
-            item = he.Contribution(
+            item = he_guard.Contribution(
                 str(get_config(reply).get("identity", "")),
                 get_bytes(reply, "arrays", "ciphertext"),
                 n,
@@ -321,7 +321,7 @@ def he_round(
             )
             if inp.enrollment is not None:
                 item.verify(inp.enrollment, inp.job, r)
-            if ckks.ciphertext_terms(item.ciphertext) != 1:
+            if he.ciphertext_terms(item.ciphertext) != 1:
                 raise FederationError("its ciphertext declares several terms")
         except (FederationError, CryptoError, SilotuneError) as exc:
             _drop(dropped, node, r, str(exc))
@@ -342,12 +342,12 @@ def _decrypt(
     fed: FederationConfig,
     inp: RoundInput,
     setup: HeSetup,
-    items: dict[int, he.Contribution],
+    items: dict[int, he_guard.Contribution],
     dropped: dict[int, str],
 ) -> NDArray[np.float32]:
     """Ask ``he_decrypters`` key holders to decrypt the signed contributions; compare the sums."""
     r = inp.round_no
-    request = he.pack_contributions(inp.job, r, [items[n] for n in sorted(items)])
+    request = he_guard.pack_contributions(inp.job, r, [items[n] for n in sorted(items)])
     candidates = [n for n in setup.holders if n in items] + [
         n for n in setup.holders if n not in items
     ]
@@ -364,7 +364,7 @@ def _decrypt(
         try:
             values = get_vector(answer[node], "arrays", "sum", np.float32, inp.length)
             if inp.enrollment is not None:
-                he.verify_sum(
+                he_guard.verify_sum(
                     inp.enrollment,
                     setup.names.get(node, ""),
                     get_bytes(answer[node], "arrays", "signature"),

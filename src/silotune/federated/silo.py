@@ -24,7 +24,7 @@ from numpy.typing import NDArray
 
 from silotune.config import JobConfig, load_config
 from silotune.crypto import box as sealing
-from silotune.crypto import ckks
+from silotune.crypto import he
 from silotune.data.partition import partition_dirichlet, partition_iid
 from silotune.errors import ConfigError
 from silotune.federated import dp
@@ -41,7 +41,7 @@ from silotune.federated.vectors import (
     to_array,
     trainable,
 )
-from silotune.secagg.he import Contribution, DecryptionGuard
+from silotune.secagg.he_guard import Contribution, DecryptionGuard
 from silotune.secagg.masking_common import STAGES
 from silotune.secagg.masking_silo import MaskingSilo
 from silotune.secagg.policy import SiloPolicy
@@ -190,11 +190,11 @@ def transport_key(context: Context) -> X25519PrivateKey:
     return X25519PrivateKey.from_private_bytes(bytes(state["transport_sk"]))  # type: ignore[arg-type]
 
 
-def _he_keys(context: Context) -> ckks.CkksKeys:
+def _he_keys(context: Context) -> he.HeKeys:
     state = _state(context)
     if "he_secret" not in state:
         raise FederationError("this silo holds no HE key; the key setup did not reach it")
-    return ckks.CkksKeys.load(bytes(state["he_secret"]))  # type: ignore[arg-type]
+    return he.HeKeys.load(bytes(state["he_secret"]))  # type: ignore[arg-type]
 
 
 def _residual(context: Context, cfg: JobConfig, length: int) -> NDArray[np.float32] | None:
@@ -297,7 +297,7 @@ def silo_policy(cfg: JobConfig, trust: SiloTrust) -> SiloPolicy:
 def _method(action: str) -> str:
     if action == PLAIN:
         return "none"
-    return "masking" if action in MASK_ACTIONS else "ckks"
+    return "masking" if action in MASK_ACTIONS else "he"
 
 
 def _history(context: Context, key: str) -> dict[str, int]:
@@ -356,7 +356,7 @@ def handle(
 
 def _he_keygen(content: RecordDict, context: Context, trust: SiloTrust) -> RecordDict:
     """Key leader: make the HE keys, keep the secret, seal it to each peer, return the public part."""
-    keys = ckks.CkksKeys.generate(ckks.CkksParams(clip=float(get_config(content)["clip"])))  # type: ignore[arg-type]
+    keys = he.HeKeys.generate(he.HeParams(clip=float(get_config(content)["clip"])))  # type: ignore[arg-type]
     secret = keys.serialize_secret()
     _state(context)["he_secret"] = secret
     own = transport_key(context)
@@ -383,7 +383,7 @@ def _he_install(content: RecordDict, context: Context, trust: SiloTrust) -> Reco
         get_bytes(content, "arrays", "sealed"),
         "the HE secret context from the key leader",
     )
-    keys = ckks.CkksKeys.load(secret)
+    keys = he.HeKeys.load(secret)
     if not keys.is_private:
         raise FederationError("the key leader sent a public-only HE context")
     _state(context)["he_secret"] = secret
@@ -398,7 +398,7 @@ def _he_train(cfg: JobConfig, message: Message, context: Context, trust: SiloTru
         raise FederationError(f"the round's weight must be a number in (0, 1], got {weight!r}")
     job = _job_id(message.content)
     result, round_no = _train_from(message, context, cfg)
-    blob = ckks.encrypt_update(_he_keys(context), result.values, weight)
+    blob = he.encrypt_update(_he_keys(context), result.values, weight)
     item = Contribution.sign(trust.key, job, round_no, trust.name, blob, result.examples, weight)
     arrays = {"ciphertext": to_array(blob), "signature": to_array(item.signature)}
     return records(arrays, identity=trust.name, **_summary(result))

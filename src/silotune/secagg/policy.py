@@ -9,7 +9,7 @@ from silotune.errors import PolicyError
 
 __all__ = ["Method", "PolicyError", "SiloPolicy", "Weighting"]
 
-Method = Literal["none", "masking", "ckks"]
+Method = Literal["none", "masking", "he"]
 Weighting = Literal["examples", "equal"]
 
 

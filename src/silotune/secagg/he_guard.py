@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from silotune.crypto import ckks, statements
+from silotune.crypto import he, statements
 from silotune.crypto.exceptions import AuthenticationError
 from silotune.crypto.identity import Enrollment, IdentityKey
 from silotune.secagg import wire
@@ -165,7 +165,7 @@ class DecryptionGuard:
 
     def decrypt(
         self,
-        keys: ckks.CkksKeys,
+        keys: he.HeKeys,
         request: bytes,
         length: int,
         identity: IdentityKey | None,
@@ -180,9 +180,9 @@ class DecryptionGuard:
                 "decryption per round (or a replay) is refused"
             )
         self._check(job, round_id, items)
-        total = ckks.sum_ciphertexts(keys, [c.ciphertext for c in items])
+        total = he.sum_ciphertexts(keys, [c.ciphertext for c in items])
         self.history[job.hex()] = round_id  # spent, whatever happens next
-        values = ckks.decrypt_aggregate(keys, total, length)
+        values = he.decrypt_aggregate(keys, total, length)
         bound = len(items) * keys.params.clip * (1 + 1e-6)
         if not np.isfinite(values).all() or float(np.abs(values).max(initial=0.0)) > bound:
             raise ProtocolViolation("the decrypted sum is not finite or exceeds n x clip")
@@ -209,7 +209,7 @@ class DecryptionGuard:
                 f"{self.policy.min_silos} (a smaller sum could be one silo's update)"
             )
         for c in items:
-            if ckks.ciphertext_terms(c.ciphertext) != 1:
+            if he.ciphertext_terms(c.ciphertext) != 1:
                 raise ProtocolViolation(
                     f"the ciphertext of {c.name!r} declares several terms; only fresh "
                     "single-update ciphertexts are summed"

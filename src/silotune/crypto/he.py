@@ -2,9 +2,10 @@
 
 Scheme and parameters (chosen by measurement on this project's CPU machine)
 ---------------------------------------------------------------------------
-The module keeps the TenSEAL-shaped API the project asked for under the name "ckks", but the
-scheme it uses is **BFV with two fixed-point values packed per slot**, because aggregation needs
-only additions and BFV gives twice the slots of CKKS per ciphertext with exact integer sums:
+The project first asked for CKKS (``secure_aggregation: ckks``, still accepted as an alias of
+``he``); the scheme used is **BFV with two fixed-point values packed per slot**, because
+aggregation needs only additions and BFV gives twice the slots of CKKS per ciphertext with exact
+integer sums:
 
 * ``N = 4096``, ``coeff_mod_bit_sizes = [60, 49]`` (109 bits): the HE standard's largest modulus
   for 128-bit classical security at N = 4096 (ternary secret). Ciphertexts live at the 60-bit
@@ -26,8 +27,8 @@ only additions and BFV gives twice the slots of CKKS per ciphertext with exact i
   uncompressed) against 6.07 s, i.e. 5x (10x); aggregation 0.73 s (0.19 s) against 3.76 s;
   decryption 0.28 s against 1.22 s; max error 1.5e-5 on a weighted sum of values ``|x| <= 0.05``.
 
-Security properties: the key leader's :meth:`CkksKeys.serialize_secret` bytes go to the other silos
-encrypted end to end by the caller; the coordinator receives :meth:`CkksKeys.serialize_public`,
+Security properties: the key leader's :meth:`HeKeys.serialize_secret` bytes go to the other silos
+encrypted end to end by the caller; the coordinator receives :meth:`HeKeys.serialize_public`,
 built with TenSEAL's ``make_context_public()`` and without relinearisation or Galois keys, and
 :func:`aggregate` refuses a context that holds a secret key. BFV ciphertexts are malleable: the
 coordinator could add an encrypted offset, so upload integrity comes from the AEAD channel.
@@ -58,17 +59,13 @@ from silotune.crypto.exceptions import AuthenticationError, CryptoError, KeyMate
 from silotune.crypto.fixedpoint import FixedPointCodec
 
 __all__ = [
-    "CkksParams",
-    "CkksKeys",
+    "HeParams",
+    "HeKeys",
     "encrypt_update",
     "aggregate",
     "ciphertext_terms",
     "decrypt_aggregate",
     "sum_ciphertexts",
-    "fedshield_baseline_context",
-    "fedshield_encrypt",
-    "fedshield_aggregate",
-    "fedshield_decrypt",
 ]
 
 VERSION = 1
@@ -105,7 +102,7 @@ def _is_prime(n: int) -> bool:
 
 
 @dataclass(frozen=True)
-class CkksParams:
+class HeParams:
     """Encryption parameters shared by every party of a job (see the module docstring).
 
     Parameters
@@ -173,7 +170,7 @@ class CkksParams:
         return json.dumps(doc, sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> CkksParams:
+    def from_json(cls, data: bytes) -> HeParams:
         """Parse parameters written by :meth:`to_json`."""
         try:
             doc = json.loads(data.decode())
@@ -182,18 +179,18 @@ class CkksParams:
             raise KeyMaterialError(f"HE key parameters are malformed: {exc}") from exc
 
 
-class CkksKeys:
+class HeKeys:
     """A TenSEAL context plus its parameters and key id; private (silos) or public (coordinator)."""
 
-    def __init__(self, context: ts.Context, params: CkksParams, key_id: bytes) -> None:
+    def __init__(self, context: ts.Context, params: HeParams, key_id: bytes) -> None:
         self.context = context
         self.params = params
         self.key_id = key_id
 
     @classmethod
-    def generate(cls, params: CkksParams | None = None) -> CkksKeys:
+    def generate(cls, params: HeParams | None = None) -> HeKeys:
         """Key leader: generate a fresh secret/public key pair (no Galois keys)."""
-        params = params or CkksParams()
+        params = params or HeParams()
         context = ts.context(
             ts.SCHEME_TYPE.BFV,
             poly_modulus_degree=params.poly_modulus_degree,
@@ -239,7 +236,7 @@ class CkksKeys:
         return self._wrap(_KIND_PUBLIC, body)
 
     @classmethod
-    def load(cls, data: bytes) -> CkksKeys:
+    def load(cls, data: bytes) -> HeKeys:
         """Load keys written by :meth:`serialize_secret` or :meth:`serialize_public`."""
         if not isinstance(data, (bytes, bytearray)):
             raise TypeError(f"HE keys must be bytes, got {type(data).__name__}.")
@@ -253,7 +250,7 @@ class CkksKeys:
         start = _KEY_HEAD.size + plen
         if len(data) <= start:
             raise KeyMaterialError("HE key bytes are truncated.")
-        params = CkksParams.from_json(bytes(data[_KEY_HEAD.size : start]))
+        params = HeParams.from_json(bytes(data[_KEY_HEAD.size : start]))
         try:
             context = ts.context_from(bytes(data[start:]))
         except Exception as exc:  # TenSEAL raises several types on bad protobuf / SEAL data
@@ -263,9 +260,7 @@ class CkksKeys:
         return cls(context, params, key_id)
 
 
-def _frame(
-    keys: CkksKeys, n_values: int, n_terms: int, chunks: list[bytes], compress: bool
-) -> bytes:
+def _frame(keys: HeKeys, n_values: int, n_terms: int, chunks: list[bytes], compress: bool) -> bytes:
     flags = _FLAG_ZLIB if compress else 0
     head = _CT_HEAD.pack(_CT_MAGIC, VERSION, flags, keys.key_id, n_values, n_terms, len(chunks))
     body = b"".join(_LEN.pack(len(c)) + c for c in chunks)
@@ -277,7 +272,7 @@ def _frame(
     return head + deflater.compress(body) + deflater.flush()
 
 
-def _inflate(keys: CkksKeys, data: bytes | memoryview, n_chunks: int) -> bytes:
+def _inflate(keys: HeKeys, data: bytes | memoryview, n_chunks: int) -> bytes:
     # Bound the output before inflating untrusted bytes (no decompression bombs).
     p = keys.params
     limit = n_chunks * (_LEN.size + 16 * p.poly_modulus_degree * len(p.coeff_mod_bit_sizes) + 4096)
@@ -295,7 +290,7 @@ def _inflate(keys: CkksKeys, data: bytes | memoryview, n_chunks: int) -> bytes:
     return body
 
 
-def _unframe(keys: CkksKeys, data: bytes) -> tuple[int, int, list[bytes]]:
+def _unframe(keys: HeKeys, data: bytes) -> tuple[int, int, list[bytes]]:
     if not isinstance(data, (bytes, bytearray)):
         raise TypeError(f"ciphertext must be bytes, got {type(data).__name__}.")
     if len(data) < _CT_HEAD.size:
@@ -330,12 +325,12 @@ def _unframe(keys: CkksKeys, data: bytes) -> tuple[int, int, list[bytes]]:
     return n_values, n_terms, chunks
 
 
-def _n_chunks(params: CkksParams, n_values: int) -> int:
+def _n_chunks(params: HeParams, n_values: int) -> int:
     n_slots = (n_values + 1) // 2
     return -(-n_slots // params.slots)
 
 
-def _load_chunk(keys: CkksKeys, blob: bytes, expected_slots: int) -> ts.BFVVector:
+def _load_chunk(keys: HeKeys, blob: bytes, expected_slots: int) -> ts.BFVVector:
     try:
         vec = ts.bfv_vector_from(keys.context, blob)
     except Exception as exc:  # protobuf / SEAL validation errors come in several types
@@ -347,19 +342,19 @@ def _load_chunk(keys: CkksKeys, blob: bytes, expected_slots: int) -> ts.BFVVecto
     return vec
 
 
-def _chunk_slots(params: CkksParams, n_values: int) -> list[int]:
+def _chunk_slots(params: HeParams, n_values: int) -> list[int]:
     n_slots = (n_values + 1) // 2
     return [min(params.slots, n_slots - i) for i in range(0, n_slots, params.slots)]
 
 
 def encrypt_update(
-    keys: CkksKeys, vector: ArrayLike, weight: float, *, compress: bool = True
+    keys: HeKeys, vector: ArrayLike, weight: float, *, compress: bool = True
 ) -> bytes:
     """Silo: encrypt ``weight * vector`` (clipped, quantised, two values per slot).
 
     Parameters
     ----------
-    keys : CkksKeys
+    keys : HeKeys
         The job's keys (public keys suffice).
     vector : numpy.ndarray
         Float update of any shape (flattened), 1 to 2**31 values, all finite.
@@ -400,7 +395,7 @@ def aggregate(
     Parameters
     ----------
     public_ctx_bytes : bytes
-        Output of :meth:`CkksKeys.serialize_public`; secret keys are refused.
+        Output of :meth:`HeKeys.serialize_public`; secret keys are refused.
     ciphertexts : sequence of bytes
         Outputs of :func:`encrypt_update` (or earlier aggregates) under the same keys and length.
     compress : bool
@@ -411,15 +406,13 @@ def aggregate(
     bytes
         The encrypted sum, in the same framing.
     """
-    keys = CkksKeys.load(public_ctx_bytes)
+    keys = HeKeys.load(public_ctx_bytes)
     if keys.is_private:
         raise KeyMaterialError("The coordinator must not hold the HE secret key; pass public keys.")
     return sum_ciphertexts(keys, ciphertexts, compress=compress)
 
 
-def sum_ciphertexts(
-    keys: CkksKeys, ciphertexts: Sequence[bytes], *, compress: bool = True
-) -> bytes:
+def sum_ciphertexts(keys: HeKeys, ciphertexts: Sequence[bytes], *, compress: bool = True) -> bytes:
     """Add encrypted updates under ``keys`` (public or private): the work of :func:`aggregate`.
 
     A key-holding silo uses it to recompute an aggregate itself from individually signed
@@ -453,13 +446,13 @@ def ciphertext_terms(data: bytes) -> int:
     return int(_CT_HEAD.unpack_from(data, 0)[5])
 
 
-def decrypt_aggregate(keys: CkksKeys, data: bytes, length: int) -> NDArray[np.float32]:
+def decrypt_aggregate(keys: HeKeys, data: bytes, length: int) -> NDArray[np.float32]:
     """Silo: decrypt an aggregate and decode the (weighted) float sum.
 
     Parameters
     ----------
-    keys : CkksKeys
-        Private keys (loaded from :meth:`CkksKeys.serialize_secret`).
+    keys : HeKeys
+        Private keys (loaded from :meth:`HeKeys.serialize_secret`).
     data : bytes
         Output of :func:`aggregate`.
     length : int
@@ -491,49 +484,3 @@ def decrypt_aggregate(keys: CkksKeys, data: bytes, length: int) -> NDArray[np.fl
     q = np.empty(2 * s.size, dtype=np.int64)
     q[0::2], q[1::2] = low, high
     return (q[:n_values].astype(np.float64) / codec.scale).astype(np.float32)
-
-
-# ----------------------------------------------------------------------------------------------
-# BASELINE ONLY: FedShield-LLM's aggregation, reproduced for benchmarks. Not secure aggregation:
-# the same context (with the secret key) encrypts, aggregates and decrypts.
-# ----------------------------------------------------------------------------------------------
-
-
-def fedshield_baseline_context() -> ts.Context:
-    """BASELINE: FedShield-LLM's CKKS context (N=8192, [60,40,40,60], 2**40, secret key inside).
-
-    FedShield also generates Galois keys; they are not needed for sums and are skipped here.
-    """
-    context = ts.context(
-        ts.SCHEME_TYPE.CKKS, poly_modulus_degree=8192, coeff_mod_bit_sizes=[60, 40, 40, 60]
-    )
-    context.global_scale = 2**40
-    return context
-
-
-def fedshield_encrypt(context: ts.Context, tensors: Sequence[ArrayLike]) -> list[bytes]:
-    """BASELINE: one CKKS vector per flattened tensor, public-key encryption, no weighting."""
-    return [
-        ts.ckks_vector(context, np.asarray(t).reshape(-1).tolist()).serialize() for t in tensors
-    ]
-
-
-def fedshield_aggregate(context: ts.Context, per_silo: Sequence[Sequence[bytes]]) -> list[bytes]:
-    """BASELINE: unweighted mean, ``sum of ciphertexts * (1 / n)``, tensor by tensor."""
-    n = len(per_silo)
-    out = []
-    for i in range(len(per_silo[0])):
-        total = ts.ckks_vector_from(context, per_silo[0][i])
-        for silo in per_silo[1:]:
-            total += ts.ckks_vector_from(context, silo[i])
-        out.append((total * (1.0 / n)).serialize())
-    return out
-
-
-def fedshield_decrypt(
-    context: ts.Context, ciphertexts: Sequence[bytes]
-) -> list[NDArray[np.float32]]:
-    """BASELINE: decrypt each aggregated tensor with the (server-held) secret key."""
-    return [
-        np.asarray(ts.ckks_vector_from(context, c).decrypt(), dtype=np.float32) for c in ciphertexts
-    ]
