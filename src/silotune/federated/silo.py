@@ -459,6 +459,7 @@ def node_job_config(context: Context) -> JobConfig:
     path = Path(str(raw)).expanduser()
     key = (str(path), path.stat().st_mtime if path.exists() else 0.0)
     if key not in _CONFIGS:
+        _CONFIGS.clear()  # a worker serves one job: keep only its config
         _CONFIGS[key] = load_config(path)
     return _CONFIGS[key]
 
@@ -478,6 +479,7 @@ def _trust_from_config(cfg: JobConfig) -> SiloTrust:
                 "silotune keygen) so that peers' keys can be checked; set "
                 "federation.allow_unauthenticated: true to run without them"
             )
+        _TRUST.clear()  # one job's identity at a time
         _TRUST[key] = trust
     return _TRUST[key]
 

@@ -96,25 +96,11 @@ def unflatten_state(
     return out
 
 
-def _blob_tensors(data: bytes) -> dict[str, torch.Tensor]:
-    """Carry bytes in a frame: an int32 tensor of the bytes zero-padded to a multiple of 4."""
-    padded = data + b"\0" * (-len(data) % 4)
-    return {"blob": torch.from_numpy(np.frombuffer(padded, dtype="<i4").copy())}
-
-
 def _blob(frame: Frame) -> bytes:
-    """The bytes a ``secagg`` frame carries (see :func:`_blob_tensors`)."""
-    tensor, size = frame.tensors.get("blob"), frame.meta.get("nbytes")
-    if (
-        tensor is None
-        or tensor.dtype != torch.int32
-        or tensor.dim() != 1
-        or isinstance(size, bool)
-        or not isinstance(size, int)
-        or not 0 <= 4 * tensor.numel() - size < 4
-    ):
-        raise FrameError(f"a '{KIND_SECAGG}' frame must carry an int32 'blob' and its 'nbytes'")
-    return tensor.numpy().astype("<i4").tobytes()[:size]
+    """The stage message a ``secagg`` frame carries in its data section."""
+    if not frame.data:
+        raise FrameError(f"a '{KIND_SECAGG}' frame must carry its stage message as data")
+    return frame.data
 
 
 def _send(
@@ -125,12 +111,8 @@ def _send(
     meta: Mapping[str, Any] | None = None,
     tensors: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
-    out = dict(tensors or {})
     info = {"stage": stage, **(meta or {})}
-    if data is not None:
-        out.update(_blob_tensors(data))
-        info["nbytes"] = len(data)
-    session.send(KIND_SECAGG, step, out, info)
+    session.send(KIND_SECAGG, step, dict(tensors or {}), info, data=data or b"")
 
 
 def _recv(session: FrameSession, stage: str, timeout: float) -> Frame:

@@ -102,10 +102,17 @@ class FrameSession:
         *,
         silo_id: str = "",
         activation_dtype: str | None = None,
+        data: bytes = b"",
     ) -> int:
         """Encode, seal and send one frame; returns the bytes put on the wire."""
         plain = encode_frame(
-            kind, step, tensors or {}, meta, silo_id=silo_id, activation_dtype=activation_dtype
+            kind,
+            step,
+            tensors or {},
+            meta,
+            silo_id=silo_id,
+            activation_dtype=activation_dtype,
+            data=data,
         )
         with self._send_lock:  # the channel is not thread-safe; sequence numbers must stay in order
             sealed = self.channel.seal(plain)

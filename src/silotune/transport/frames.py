@@ -5,11 +5,14 @@ Wire layout of one frame (all integers little-endian)::
     b"STF1"          4 bytes   magic (the trailing "1" is the layout generation)
     header_length    4 bytes   u32, length of the JSON header
     header           N bytes   UTF-8 JSON object (see below)
-    payload          rest      a safetensors file holding exactly the tensors the header lists
+    payload          ...       a safetensors file holding exactly the tensors the header lists
+    data             D bytes   opaque bytes (``data`` in the header gives D; often 0)
 
 Header fields: ``version`` (int), ``kind`` (one of :data:`KINDS`), ``step`` (int >= 0), ``silo``
-(str), ``tensors`` (list of ``{"name", "dtype", "wire_dtype", "shape"}``) and ``meta`` (a JSON
-object for extra fields such as attention-mask lengths).
+(str), ``tensors`` (list of ``{"name", "dtype", "wire_dtype", "shape"}``), ``data`` (the length
+of the opaque bytes at the end: protocol messages such as secure-aggregation stages travel there,
+never disguised as tensors) and ``meta`` (a JSON object for extra fields such as attention-mask
+lengths).
 
 Everything received is untrusted: :func:`decode_frame` checks every size, dtype and offset against
 the header and :class:`FrameLimits` before a single tensor is allocated, and never unpickles.
@@ -43,7 +46,7 @@ __all__ = [
 ]
 
 MAGIC = b"STF1"
-FRAME_VERSION = 1
+FRAME_VERSION = 2  # 2: the opaque ``data`` section
 
 KIND_FORWARD = "forward"  # activations, silo -> trunk (and trunk outputs, trunk -> silo tail)
 KIND_BACKWARD = "backward"  # gradients, trunk -> silo (and tail gradients, silo -> trunk)
@@ -158,6 +161,7 @@ class Frame:
     tensors: dict[str, torch.Tensor]
     meta: dict[str, Any]
     version: int = FRAME_VERSION
+    data: bytes = b""
 
 
 # --------------------------------------------------------------------------- encoding
@@ -171,8 +175,9 @@ def encode_frame(
     *,
     silo_id: str = "",
     activation_dtype: str | torch.dtype | None = None,
+    data: bytes = b"",
 ) -> bytes:
-    """Serialize tensors and metadata into one frame.
+    """Serialize tensors, metadata and opaque bytes into one frame.
 
     Parameters
     ----------
@@ -189,6 +194,8 @@ def encode_frame(
     activation_dtype
         ``None`` keeps dtypes; ``"float16"`` or ``"bfloat16"`` sends float32 tensors in that dtype
         (half the bytes) and :func:`decode_frame` restores float32.
+    data
+        Opaque bytes carried after the tensors (a protocol message of another layer).
 
     Returns
     -------
@@ -239,6 +246,7 @@ def encode_frame(
         "step": step,
         "silo": silo_id,
         "tensors": specs,
+        "data": len(data),
         "meta": dict(meta or {}),
     }
     try:
@@ -252,8 +260,10 @@ def encode_frame(
             f"Frame header is {len(header_bytes)} bytes; at most "
             f"{DEFAULT_LIMITS.max_header_bytes} (shrink meta or the number of tensors)."
         )
+    if not isinstance(data, (bytes, bytearray)):
+        raise TypeError(f"Frame data must be bytes, got {type(data).__name__}.")
     payload = safetensors.torch.save(on_wire)
-    return b"".join((_PREFIX.pack(MAGIC, len(header_bytes)), header_bytes, payload))
+    return b"".join((_PREFIX.pack(MAGIC, len(header_bytes)), header_bytes, payload, data))
 
 
 def _parse_activation_dtype(value: str | torch.dtype | None) -> str | None:
@@ -315,9 +325,11 @@ def decode_frame(
             f"{len(view) - _PREFIX.size} follow the prefix."
         )
     header = _parse_json(view[_PREFIX.size : _PREFIX.size + header_len], "frame header")
-    kind, step, silo_id, specs, meta = _validate_header(header, limits)
-
-    payload = view[_PREFIX.size + header_len :]
+    kind, step, silo_id, specs, meta, data_len = _validate_header(header, limits)
+    if _PREFIX.size + header_len + data_len > len(view):
+        raise FrameError(f"Frame is truncated: its header declares {data_len} bytes of data.")
+    end = len(view) - data_len
+    payload = view[_PREFIX.size + header_len : end]
     _check_payload(payload, specs, limits)
     try:
         loaded = safetensors.torch.load(bytes(payload))
@@ -330,7 +342,8 @@ def decode_frame(
         if spec.dtype != spec.wire_dtype:
             tensor = tensor.to(DTYPES[spec.dtype][0])
         tensors[spec.name] = tensor
-    return Frame(kind=kind, step=step, silo_id=silo_id, tensors=tensors, meta=meta)
+    data = bytes(view[end:])
+    return Frame(kind=kind, step=step, silo_id=silo_id, tensors=tensors, meta=meta, data=data)
 
 
 def _reject_constant(token: str) -> Any:
@@ -362,10 +375,10 @@ def _is_int(value: Any) -> bool:
 
 def _validate_header(
     header: Any, limits: FrameLimits
-) -> tuple[str, int, str, list[TensorSpec], dict[str, Any]]:
+) -> tuple[str, int, str, list[TensorSpec], dict[str, Any], int]:
     if not isinstance(header, dict):
         raise FrameError("The frame header must be a JSON object.")
-    expected = {"version", "kind", "step", "silo", "tensors", "meta"}
+    expected = {"version", "kind", "step", "silo", "tensors", "data", "meta"}
     if set(header) != expected:
         raise FrameError(
             f"The frame header has fields {sorted(header)}; expected exactly {sorted(expected)}."
@@ -386,6 +399,9 @@ def _validate_header(
     meta = header["meta"]
     if not isinstance(meta, dict):
         raise FrameError("Frame meta must be a JSON object.")
+    data_len = header["data"]
+    if not _is_int(data_len) or not 0 <= data_len <= limits.max_frame_bytes:
+        raise FrameError(f"Frame field 'data' must be a byte count, got {data_len!r}.")
     raw_specs = header["tensors"]
     if not isinstance(raw_specs, list):
         raise FrameError("Frame field 'tensors' must be a list.")
@@ -408,7 +424,7 @@ def _validate_header(
                 f"Frame tensors total more than {limits.max_frame_bytes} bytes (the frame limit)."
             )
         specs.append(spec)
-    return kind, step, silo_id, specs, meta
+    return kind, step, silo_id, specs, meta, data_len
 
 
 def _validate_spec(raw: Any, limits: FrameLimits) -> TensorSpec:

@@ -60,12 +60,29 @@ def test_round_trip_keeps_every_field_and_value(sample: dict[str, torch.Tensor])
     data = encode_frame("forward", 17, sample, {"lengths": [5, 3], "train": True}, silo_id="s1")
     frame = decode_frame(data, FrameLimits())
     assert isinstance(frame, Frame)
-    assert (frame.kind, frame.step, frame.silo_id, frame.version) == ("forward", 17, "s1", 1)
+    assert (frame.kind, frame.step, frame.silo_id, frame.version) == ("forward", 17, "s1", 2)
     assert frame.meta == {"lengths": [5, 3], "train": True}
     assert list(frame.tensors) == list(sample)  # header order is preserved
     for name, tensor in sample.items():
         assert frame.tensors[name].dtype == tensor.dtype
         assert torch.equal(frame.tensors[name], tensor)
+
+
+def test_opaque_data_travels_after_the_tensors_and_its_length_is_checked(sample) -> None:
+    blob = bytes(range(256)) * 3
+    data = encode_frame("secagg", 4, sample, {"stage": "x"}, data=blob)
+    frame = decode_frame(data)
+    assert frame.data == blob and list(frame.tensors) == list(sample)
+    assert decode_frame(encode_frame("secagg", 4, {}, None, data=b"\x00")).data == b"\x00"
+    with pytest.raises(FrameError, match="safetensors|truncated"):
+        decode_frame(data[:-1])  # one byte short: the tensors' bytes no longer add up
+    header, payload = _split(data)
+    header["data"] = len(payload) + 100
+    with pytest.raises(FrameError, match="declares .* bytes of data"):
+        decode_frame(_assemble(header, payload))
+    header["data"] = -1
+    with pytest.raises(FrameError, match="'data' must be a byte count"):
+        decode_frame(_assemble(header, payload))
 
 
 def test_round_trip_of_a_frame_without_tensors() -> None:
@@ -156,8 +173,8 @@ def test_wrong_magic_is_rejected(good: bytes) -> None:
 
 def test_unsupported_version_is_rejected(good: bytes) -> None:
     header, payload = _split(good)
-    header["version"] = 2
-    with pytest.raises(FrameError, match="version 2 is not supported"):
+    header["version"] = 1
+    with pytest.raises(FrameError, match="version 1 is not supported"):
         decode_frame(_assemble(header, payload))
 
 
