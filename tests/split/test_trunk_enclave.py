@@ -166,7 +166,7 @@ def test_another_platform_key_is_refused(enclave, keys_dir, tmp_path):
 
 def test_a_silo_that_skips_attestation_gets_no_session(enclave, keys_dir):
     _, _, server, _ = enclave
-    with pytest.raises(SplitError):
+    with pytest.raises(SplitError, match="closed the connection during the handshake"):
         open_silo(server.connect, keys_dir, "silo-0")
 
 
