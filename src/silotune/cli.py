@@ -15,9 +15,9 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
+from silotune import keygen
 from silotune.enclave import cli as enclave_cli
 from silotune.errors import SilotuneError
-from silotune.federated import keygen as federated_keygen
 from silotune.split import cli as split_cli
 
 app = typer.Typer(
@@ -204,7 +204,7 @@ def bench(
 # Packages keep their commands in their own cli/keygen modules; they are registered here, one way.
 app.command()(split_cli.serve)
 app.command()(split_cli.join)
-app.command("keygen")(federated_keygen.keygen)
+app.command("keygen")(keygen.keygen)
 enclave_cli.app.command("measure")(split_cli.enclave_measure)
 app.add_typer(enclave_cli.app, name="enclave")
 

@@ -1,13 +1,10 @@
 """Identity-key files of a split job: who the coordinator is and which silos it lets in.
 
-Layout of ``split.keys_dir`` (what ``write_job_keys`` writes for a whole job; each party then
-keeps only its own files)::
-
-    coordinator.key     the coordinator's Ed25519 private key (coordinator only, mode 0600)
-    coordinator.pub     its public key, pinned by every silo
-    enrollment.json     the silos' public keys, by name (coordinator only)
-    <silo>.key          a silo's private key (that silo only, mode 0600)
-    <silo>.pub          its public key (goes into the coordinator's enrollment)
+In a deployment ``split.keys_dir`` is the party's own folder from ``silotune keygen``: the
+coordinator's holds ``coordinator.key`` and ``enrollment.json``; a silo's holds ``identity.pem``
+(its private key), ``coordinator.pub`` and ``enrollment.json``. For a one-machine run
+(``silotune train``) :func:`write_job_keys` puts every party's files in one throwaway folder,
+where a silo's key is ``<silo>.key``.
 """
 
 from __future__ import annotations
@@ -17,6 +14,7 @@ from pathlib import Path
 from silotune.crypto.exceptions import CryptoError
 from silotune.crypto.identity import Enrollment, IdentityKey, PublicIdentity
 from silotune.errors import ConfigError
+from silotune.keygen import COORDINATOR_KEY, COORDINATOR_PUB, ENROLLMENT, IDENTITY_KEY
 
 __all__ = [
     "COORDINATOR_KEY",
@@ -28,10 +26,6 @@ __all__ = [
     "load_silo_keys",
     "write_job_keys",
 ]
-
-COORDINATOR_KEY = "coordinator.key"
-COORDINATOR_PUB = "coordinator.pub"
-ENROLLMENT = "enrollment.json"
 
 
 def write_job_keys(folder: Path, silo_names: list[str]) -> None:
@@ -71,11 +65,17 @@ def load_coordinator_keys(folder: Path | None) -> tuple[IdentityKey, Enrollment]
         raise ConfigError(f"split.keys_dir: {exc}") from None
 
 
+def _silo_key_file(folder: Path, silo_name: str) -> Path:
+    """``identity.pem`` (a party folder from silotune keygen) or ``<silo>.key`` (one-machine run)."""
+    own = folder / IDENTITY_KEY
+    return own if own.is_file() else folder / f"{silo_name}.key"
+
+
 def load_silo_keys(folder: Path | None, silo_name: str) -> tuple[IdentityKey, PublicIdentity]:
     """A silo's identity key and the pinned coordinator key from ``split.keys_dir``."""
-    folder = _need_dir(folder, f"silo {silo_name!r}", f"{silo_name}.key and {COORDINATOR_PUB}")
+    folder = _need_dir(folder, f"silo {silo_name!r}", f"{IDENTITY_KEY} and {COORDINATOR_PUB}")
     try:
-        return IdentityKey.load(folder / f"{silo_name}.key"), PublicIdentity.load(
+        return IdentityKey.load(_silo_key_file(folder, silo_name)), PublicIdentity.load(
             folder / COORDINATOR_PUB
         )
     except FileNotFoundError as exc:
@@ -99,29 +99,10 @@ def load_enrollment(folder: Path | None, role: str = "coordinator") -> Enrollmen
 
 def load_silo_identity(folder: Path | None, silo_name: str) -> IdentityKey:
     """A silo's own identity key (the trunk-in-enclave case: the coordinator key comes attested)."""
-    folder = _need_dir(folder, f"silo {silo_name!r}", f"{silo_name}.key")
+    folder = _need_dir(folder, f"silo {silo_name!r}", IDENTITY_KEY)
     try:
-        return IdentityKey.load(folder / f"{silo_name}.key")
+        return IdentityKey.load(_silo_key_file(folder, silo_name))
     except FileNotFoundError as exc:
         raise ConfigError(f"split.keys_dir: {exc.filename} is missing") from None
     except CryptoError as exc:
         raise ConfigError(f"split.keys_dir: {exc}") from None
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m silotune.split.keys --out DIR silo-0 silo-1 ...``: write a job's identity keys."""
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--out", type=Path, required=True, help="new or empty folder")
-    parser.add_argument("silos", nargs="+", help="silo names to enroll")
-    args = parser.parse_args(argv)
-    if args.out.exists() and any(args.out.iterdir()):
-        parser.error(f"{args.out} is not empty; keys are never overwritten")
-    write_job_keys(args.out, args.silos)
-    sys.stderr.write(f"wrote coordinator and {len(args.silos)} silo identities to {args.out}\n")
-
-
-if __name__ == "__main__":
-    main()

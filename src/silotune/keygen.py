@@ -1,17 +1,22 @@
-"""`silotune keygen`: TLS certificates for the SuperLink and authentication keys for each silo.
+"""`silotune keygen`: every key and certificate of a deployment, for every mode, one folder per party.
 
-Layout written under ``--out``::
+Layout written under ``--out`` (silos are named ``silo-0`` ... like in simulation and split)::
 
-    coordinator/ca.pem ca.key server.pem server.key   TLS for flower-superlink (keys 0600)
+    coordinator/ca.pem ca.key server.pem server.key   TLS server (flower-superlink, silotune serve)
     coordinator/supernodes.txt                         the silos' SuperNode public keys, to register
-    silo-<k>/ca.pem                                    pins the coordinator's CA (--root-certificates)
+    coordinator/coordinator.key, coordinator.pub       the coordinator's Ed25519 identity (split)
+    coordinator/enrollment.json                        every silo's public identity
+    silo-<k>/ca.pem                                    pins the coordinator's CA
     silo-<k>/supernode.key, supernode.pub              SuperNode authentication (ECDSA P-384,
                                                        OpenSSH format, as flower-supernode wants)
     silo-<k>/identity.pem, identity.pub                the silo's Ed25519 silotune identity
-    silo-<k>/enrollment.json                           every silo's public identity (silo-1, ...):
-                                                       set federation.identity_key/enrollment
+    silo-<k>/enrollment.json                           every silo's public identity
+    silo-<k>/coordinator.pub                           the coordinator identity a split silo pins
 
-Nothing is overwritten: an existing file makes the command stop before writing anything.
+Each party then points its config at its own folder: federated silos set
+``federation.identity_key: silo-<k>/identity.pem`` and ``federation.enrollment``; in split mode
+``split.keys_dir`` and ``split.tls_dir`` are the party's folder. Private keys are written 0600;
+nothing is overwritten: an existing file makes the command stop before writing anything.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from silotune.transport.tls import CA_CERT, generate_tls_material
 
 SUPERNODE_KEY, SUPERNODE_PUB = "supernode.key", "supernode.pub"
 IDENTITY_KEY, IDENTITY_PUB = "identity.pem", "identity.pub"
+COORDINATOR_KEY, COORDINATOR_PUB = "coordinator.key", "coordinator.pub"
 ENROLLMENT = "enrollment.json"
 
 
@@ -69,12 +75,15 @@ def generate(out: Path, silos: int, hosts: list[str], days: int = 365) -> list[P
     if silos < 1:
         raise ConfigError(f"--silos must be at least 1, got {silos}")
     coordinator = out / "coordinator"
-    silo_dirs = [out / f"silo-{k}" for k in range(1, silos + 1)]
+    silo_dirs = [out / f"silo-{k}" for k in range(silos)]
     planned = [coordinator / n for n in ("ca.pem", "ca.key", "server.pem", "server.key")]
-    planned.append(coordinator / "supernodes.txt")
+    planned += [coordinator / n for n in ("supernodes.txt", COORDINATOR_KEY, COORDINATOR_PUB)]
+    planned.append(coordinator / ENROLLMENT)
     for d in silo_dirs:
         planned += [
-            d / n for n in (CA_CERT, SUPERNODE_KEY, SUPERNODE_PUB, IDENTITY_KEY, IDENTITY_PUB)
+            d / n
+            for n in (CA_CERT, SUPERNODE_KEY, SUPERNODE_PUB, IDENTITY_KEY, IDENTITY_PUB)
+            + (ENROLLMENT, COORDINATOR_PUB)
         ]
     existing = [p for p in planned if p.exists()]
     if existing:
@@ -95,8 +104,13 @@ def generate(out: Path, silos: int, hosts: list[str], days: int = 365) -> list[P
         identity.public.save(d / IDENTITY_PUB)
         enrollment.add(d.name, identity.public)
         registered.append(public)
-    for d in silo_dirs:
+    leader = IdentityKey.generate()
+    leader.save(coordinator / COORDINATOR_KEY)
+    leader.public.save(coordinator / COORDINATOR_PUB)
+    for d in [coordinator, *silo_dirs]:
         enrollment.save(d / ENROLLMENT)
+    for d in silo_dirs:
+        leader.public.save(d / COORDINATOR_PUB)
     _write(coordinator / "supernodes.txt", b"".join(registered), 0o644)
     return planned
 
@@ -110,6 +124,6 @@ def keygen(
     ] = None,
     days: Annotated[int, typer.Option(help="Certificate validity in days.")] = 365,
 ) -> None:
-    """Create TLS certificates for the coordinator and SuperNode/identity keys for each silo."""
+    """Create every key of a deployment (TLS, SuperNode, identities) in one folder per party."""
     files = generate(out, silos, host or ["localhost", "127.0.0.1"], days)
     typer.echo(f"wrote {len(files)} files under {out} (private keys mode 0600)")
