@@ -20,7 +20,7 @@ from silotune.config import JobConfig, config_from_dict
 from silotune.dispatch import run_job
 from silotune.errors import ConfigError
 from silotune.eval.runner import evaluate_job
-from silotune.train.trainer import METRICS_FILE
+from silotune.train.run_folder import METRICS_FILE
 
 DEMO_STEPS = 200
 SECTIONS = ("centralized", "federated", "split")

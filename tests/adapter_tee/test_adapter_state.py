@@ -12,8 +12,8 @@ from silotune.adapter_tee.state import pack_state, unpack_state
 from silotune.adapters.peft_adapters import adapter_state
 from silotune.config import JobConfig
 from silotune.errors import CheckpointError
+from silotune.train.job import Job, build_job
 from silotune.train.loop import make_optimizer, make_scheduler, train_step
-from silotune.train.trainer import Job, build_job
 
 
 @dataclass

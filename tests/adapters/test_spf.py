@@ -23,8 +23,9 @@ from silotune.errors import CheckpointError, ConfigError
 from silotune.eval.runner import evaluate_job
 from silotune.models.presets import build_tiny_llama
 from silotune.train.checkpoint import latest_checkpoint, load_checkpoint
+from silotune.train.job import build_job
 from silotune.train.loop import forward_loss, make_optimizer, make_scheduler, train_step
-from silotune.train.trainer import build_job, train_centralized
+from silotune.train.trainer import train_centralized
 from tests.conftest import FAST_JOB, build_tiny_arch
 
 SPF_ON = ("adapter.spf.enabled=true",)

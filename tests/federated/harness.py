@@ -19,7 +19,7 @@ from silotune.config import JobConfig
 from silotune.federated.coordinator import Coordinator
 from silotune.federated.pinning import simulation_trust
 from silotune.federated.silo import make_client_app
-from silotune.train.trainer import prepare_output_dir
+from silotune.train.run_folder import prepare_output_dir
 
 Tamper = Callable[[str, int, RecordDict], None]  # (message type, node id, reply content)
 

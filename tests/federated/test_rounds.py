@@ -20,7 +20,7 @@ from silotune.federated import silo
 from silotune.federated.dp import gaussian_epsilon
 from silotune.federated.vectors import FederationError, flatten, load_flat
 from silotune.secagg import wire
-from silotune.train.trainer import build_job
+from silotune.train.job import build_job
 from tests.federated.harness import run_in_process
 
 CLIP = 0.25
@@ -338,7 +338,7 @@ def _deployed_grid(tmp_path: Path, cfg: JobConfig, identities: bool):
 def _coordinate(cfg: JobConfig, grid) -> None:
     """Run a coordinator of ``cfg`` over ``grid`` (a fresh output folder)."""
     from silotune.federated.coordinator import Coordinator
-    from silotune.train.trainer import prepare_output_dir
+    from silotune.train.run_folder import prepare_output_dir
     from tests.federated.harness import flower_identity
 
     prepare_output_dir(cfg, resume=False, overwrite=True)

@@ -18,7 +18,7 @@ from silotune.eval.runner import evaluate_job
 from silotune.federated import silo
 from silotune.federated.vectors import FederationError, flatten, load_flat
 from silotune.models.presets import build_tiny_llama
-from silotune.train.trainer import build_job
+from silotune.train.job import build_job
 from tests.federated.harness import run_in_process
 
 CLIP = 0.25

@@ -6,8 +6,8 @@ import pytest
 from peft import get_peft_model_state_dict
 
 from silotune.split.parts import build_half
+from silotune.train.job import build_job
 from silotune.train.loop import make_optimizer, make_scheduler, train_step
-from silotune.train.trainer import build_job
 from tests.split.conftest import open_silo, silo_end, split_cfg, trunk_server
 
 TOL = 1e-5

@@ -15,12 +15,12 @@ from silotune.models.slicing import position_ids_from_mask
 from silotune.split import runner
 from silotune.split.parts import PartState, build_half, save_full_adapter
 from silotune.split.prefix import PREFIX_STATE, assemble_prompt_embeddings, prefix_shape
+from silotune.train.job import build_job
 from silotune.train.loop import (
     make_optimizer,
     make_scheduler,
     train_step,
 )
-from silotune.train.trainer import build_job
 from tests.split.conftest import (
     make_stream,
     open_silo,

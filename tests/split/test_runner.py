@@ -15,7 +15,7 @@ from silotune.errors import ConfigError
 from silotune.eval.evaluate import evaluate
 from silotune.models.loading import load_model
 from silotune.split import runner
-from silotune.train.trainer import build_job
+from silotune.train.job import build_job
 from tests.split.conftest import run_threads, split_cfg
 
 

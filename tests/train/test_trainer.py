@@ -19,7 +19,8 @@ from silotune.config import JobConfig, config_from_dict
 from silotune.errors import CheckpointError, ConfigError, DataError
 from silotune.models.presets import build_tiny_llama
 from silotune.train.checkpoint import checkpoint_dirs, latest_checkpoint
-from silotune.train.trainer import METRICS_FILE, train_centralized
+from silotune.train.run_folder import METRICS_FILE
+from silotune.train.trainer import train_centralized
 from tests.conftest import FAST_JOB
 
 MakeJob = Callable[..., JobConfig]

@@ -55,12 +55,12 @@ from silotune.errors import CheckpointError, ConfigError
 from silotune.models.loading import LoadedModel, load_model
 from silotune.progress import progress_bar
 from silotune.train.checkpoint import CHECKPOINTS, checkpoint_dirs, latest_checkpoint
+from silotune.train.job import build_job
 from silotune.train.loop import StepOutput, make_optimizer, make_scheduler, train_step
-from silotune.train.trainer import (
+from silotune.train.run_folder import (
     ADAPTER_DIR,
     METRICS_FILE,
     MetricsLog,
-    build_job,
     check_output_dir,
     format_scores,
     reset_output_dir,

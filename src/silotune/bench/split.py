@@ -77,8 +77,8 @@ def _centralized_worker(cfg_data: dict[str, Any], out: str) -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     from silotune.split.runner import peak_rss_mb
+    from silotune.train.job import build_job
     from silotune.train.loop import make_optimizer, make_scheduler, train_step
-    from silotune.train.trainer import build_job
 
     torch.set_num_threads(THREADS)
 

@@ -18,7 +18,7 @@ from silotune.crypto.identity import Enrollment
 from silotune.errors import ConfigError
 from silotune.federated.coordinator import Coordinator
 from silotune.federated.silo import make_client_app
-from silotune.train.trainer import prepare_output_dir
+from silotune.train.run_folder import prepare_output_dir
 
 server_app = ServerApp()
 client_app = make_client_app(None)

@@ -36,12 +36,12 @@ from silotune.federated.strategy import apply_update, make_server_optimizer
 from silotune.federated.vectors import FederationError, flatten
 from silotune.secagg.masking_silo import new_job_id
 from silotune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from silotune.train.trainer import (
+from silotune.train.job import build_job
+from silotune.train.run_folder import (
     ADAPTER_DIR,
     METRICS_FILE,
     SUMMARY_FILE,
     MetricsLog,
-    build_job,
     format_scores,
 )
 

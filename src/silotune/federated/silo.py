@@ -45,8 +45,8 @@ from silotune.secagg.he_guard import Contribution, DecryptionGuard
 from silotune.secagg.masking_common import STAGES
 from silotune.secagg.masking_silo import MaskingSilo
 from silotune.secagg.policy import SiloPolicy
+from silotune.train.job import Job, build_job
 from silotune.train.loop import BatchStream, forward_loss, make_optimizer, train_step
-from silotune.train.trainer import Job, build_job
 
 log = logging.getLogger(__name__)
 

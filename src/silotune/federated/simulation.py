@@ -17,7 +17,7 @@ from silotune.errors import ConfigError
 from silotune.federated.coordinator import Coordinator
 from silotune.federated.pinning import simulation_trust
 from silotune.federated.silo import make_client_app
-from silotune.train.trainer import prepare_output_dir
+from silotune.train.run_folder import prepare_output_dir
 
 log = logging.getLogger(__name__)
 

@@ -52,7 +52,7 @@ from silotune.split.session import FrameSession, SplitError, open_session
 from silotune.split.silo import SplitSilo, TrunkLink, make_averager
 from silotune.split.trunk import Trunk, TrunkService
 from silotune.train.loop import BatchStream, make_optimizer, make_scheduler, train_step
-from silotune.train.trainer import (
+from silotune.train.run_folder import (
     ADAPTER_DIR,
     CONFIG_FILE,
     METRICS_FILE,
