@@ -44,6 +44,7 @@ from silotune.eval.evaluate import evaluate
 from silotune.models.loading import load_model
 from silotune.models.presets import PRESETS, smollm2_folder
 from silotune.train.loop import BatchStream, make_optimizer, make_scheduler, train_step
+from silotune.train.schedule import Schedule
 
 __all__ = [
     "ENCLAVE_MODEL_TYPES",
@@ -227,9 +228,7 @@ class AdapterEnclaveApp:
         split = meta.get("split")
         t = self.cfg.train
         if split == "validation":
-            scheduled = self.step > 0 and (
-                self.step % t.eval_every == 0 or self.step == t.max_steps
-            )
+            scheduled = self.step > 0 and Schedule.steps(self.cfg).evaluates(self.step)
             examples = self.splits.validation
         elif split == "test":
             scheduled = self.step == t.max_steps

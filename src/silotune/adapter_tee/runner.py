@@ -67,6 +67,7 @@ from silotune.train.run_folder import (
     train_record,
     write_summary,
 )
+from silotune.train.schedule import Schedule
 
 __all__ = ["APP", "LocalEnclave", "compare_with_plain", "open_adapter_enclave", "train_in_enclave"]
 
@@ -190,6 +191,7 @@ def train_in_enclave(
         if not resume:
             reset_output_dir(cfg)
         metrics = MetricsLog(cfg.output_dir / METRICS_FILE, start if resume else None)
+        schedule = Schedule.steps(cfg)
         clock = time.perf_counter()
         with progress_bar(progress) as bar:
             task_id = bar.add_task(
@@ -199,9 +201,9 @@ def train_in_enclave(
                 info, _ = enclave.call("train_step", {"step": step}, {}, server)
                 done = step + 1
                 bar.update(task_id, advance=1, note=f"loss {info['loss']:.4f}")
-                if done % t.log_every == 0 or done == t.max_steps:
+                if schedule.logs(done):
                     metrics.write(_record(done, info, time.perf_counter() - clock))
-                if done % t.eval_every == 0 or done == t.max_steps:
+                if schedule.evaluates(done):
                     scores = _evaluate(enclave, "validation", server)
                     metrics.write({"step": done, "split": "validation", **scores})
                     log.info("step %d validation %s", done, format_scores(scores))

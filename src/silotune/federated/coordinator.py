@@ -8,7 +8,6 @@ RNG; written atomically), ``adapter/`` and ``summary.json`` at the end. A restar
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -40,10 +39,11 @@ from silotune.train.job import build_job
 from silotune.train.run_folder import (
     ADAPTER_DIR,
     METRICS_FILE,
-    SUMMARY_FILE,
     MetricsLog,
     format_scores,
+    write_summary,
 )
+from silotune.train.schedule import Schedule
 
 log = logging.getLogger(__name__)
 NODE_WAIT_S = 60.0
@@ -163,22 +163,20 @@ class Coordinator:
         j = self.job
         test = evaluate(j.model, j.task, j.splits.test, cfg.train.eval_batch_size, j.device)
         metrics.write({"step": fed.rounds, "round": fed.rounds, "split": "test", **test})
-        summary = {
-            "mode": cfg.mode,
-            "rounds": fed.rounds,
-            "silos": fed.silos,
-            "local_steps": fed.local_steps,
-            "strategy": fed.strategy,
-            "secure_aggregation": fed.secure_aggregation,
-            "train_seconds": train_s,
-            "upload_bytes_per_silo_per_round": (
-                float(np.mean(self.upload_bytes)) if self.upload_bytes else None
-            ),
-            "test": test,
-            "dp": self._epsilon(fed.rounds),
-            "adapter": str(out / ADAPTER_DIR),
-        }
-        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        upload = float(np.mean(self.upload_bytes)) if self.upload_bytes else None
+        summary = write_summary(
+            cfg,
+            train_s,
+            test,
+            with_steps=False,
+            rounds=fed.rounds,
+            silos=fed.silos,
+            local_steps=fed.local_steps,
+            strategy=fed.strategy,
+            secure_aggregation=fed.secure_aggregation,
+            upload_bytes_per_silo_per_round=upload,
+            dp=self._epsilon(fed.rounds),
+        )
         return summary
 
     def _one_round(
@@ -210,7 +208,7 @@ class Coordinator:
         if eps is not None:
             record["dp_epsilon"] = eps["epsilon"]
         metrics.write(record)
-        if round_no % fed.eval_every == 0 or round_no == fed.rounds:
+        if Schedule.rounds(cfg).evaluates(round_no):
             scores = evaluate(
                 j.model, j.task, j.splits.validation, cfg.train.eval_batch_size, j.device
             )

@@ -60,7 +60,9 @@ from silotune.train.run_folder import (
     MetricsLog,
     prepare_output_dir,
     train_record,
+    write_summary,
 )
+from silotune.train.schedule import Schedule
 from silotune.transport.grpc_stream import GrpcStreamServer, connect
 from silotune.transport.tls import generate_tls_material, load_tls_material
 
@@ -195,6 +197,7 @@ def _train_silo(
     scheduler = make_scheduler(optimizer, t)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(out_dir / METRICS_FILE)
+    schedule = Schedule.steps(cfg)
     clock = time.perf_counter()
     step_seconds: list[float] = []
     train_bytes = 0
@@ -202,17 +205,17 @@ def _train_silo(
         bytes_before, started = session.stats.total_bytes, time.perf_counter()
         out = train_step(model, stream, step, optimizer, scheduler, t, device, loss_fn=model.loss)
         done = step + 1
-        if done % s.sync_every == 0 or done == t.max_steps:
+        if schedule.syncs(done):
             parts = [half.parts.head, half.parts.tail]
             names.set(parts, averager.average(done, names.get(parts), examples))
         step_seconds.append(time.perf_counter() - started)
         train_bytes += session.stats.total_bytes - bytes_before
-        if done % t.log_every == 0 or done == t.max_steps:
+        if schedule.logs(done):
             wire_bytes = session.stats.total_bytes - bytes_before
             metrics.write(
                 train_record(done, out, time.perf_counter() - clock, wire_bytes=wire_bytes)
             )
-        if evaluate_splits and (done % t.eval_every == 0 or done == t.max_steps):
+        if evaluate_splits and schedule.evaluates(done):
             scores = evaluate(model, task, splits.validation, t.eval_batch_size, device)
             metrics.write({"step": done, "split": "validation", **scores})
     train_s = time.perf_counter() - clock
@@ -224,19 +227,17 @@ def _train_silo(
     save_full_adapter(half.model, state, out_dir / ADAPTER_DIR)
     if test:
         metrics.write({"step": t.max_steps, "split": "test", **test})
-    summary = {
-        "mode": "split",
-        "steps": t.max_steps,
-        "train_seconds": train_s,
-        "examples": examples,
-        "wire_bytes": session.stats.total_bytes,
-        "wire_bytes_per_step": train_bytes / t.max_steps,  # training frames, sealed, both ways
-        "step_seconds": step_seconds,
-        "peak_rss_mb": peak_rss_mb(),
-        "test": test,
-        "adapter": str(out_dir / ADAPTER_DIR),
-    }
-    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    summary = write_summary(
+        cfg,
+        train_s,
+        test,
+        out_dir=out_dir,
+        examples=examples,
+        wire_bytes=session.stats.total_bytes,
+        wire_bytes_per_step=train_bytes / t.max_steps,  # training frames, sealed, both ways
+        step_seconds=step_seconds,
+        peak_rss_mb=peak_rss_mb(),
+    )
     return summary
 
 
@@ -313,17 +314,17 @@ def serve(cfg: JobConfig, overwrite: bool = False) -> dict[str, Any]:
 
 def _coordinator_summary(cfg: JobConfig, service: Trunk, seconds: float) -> dict[str, Any]:
     out = cfg.output_dir
-    summary: dict[str, Any] = {
-        "mode": "split",
-        "role": "coordinator",
-        "server_mode": cfg.split.server_mode,
-        "seconds": seconds,
-        "trunk_steps": service.commits,
-        "sessions": [vars(r) for r in service.records],
-    }
-    summary.update(service.save(out, cfg))
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    return summary
+    return write_summary(
+        cfg,
+        None,
+        None,
+        role="coordinator",
+        server_mode=cfg.split.server_mode,
+        seconds=seconds,
+        trunk_steps=service.commits,
+        sessions=[vars(r) for r in service.records],
+        **service.save(out, cfg),
+    )
 
 
 def _start_enclave(
@@ -476,23 +477,16 @@ def _merge_outputs(
     (out / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in lines), "utf-8")
     shutil.copytree(first / ADAPTER_DIR, out / ADAPTER_DIR, dirs_exist_ok=True)
     silo0 = json.loads((first / SUMMARY_FILE).read_text(encoding="utf-8"))
-    summary: dict[str, Any] = {
-        "mode": "split",
-        "steps": cfg.train.max_steps,
-        "train_seconds": seconds,
-        "test": silo0["test"],
-        "adapter": str(out / ADAPTER_DIR),
-        "split": {
-            "server_mode": cfg.split.server_mode,
-            "silos": len(names),
-            "failed_silos": sorted(failed),
-            "wire_bytes_per_step_silo0": silo0["wire_bytes_per_step"],
-            "trunk_steps": service.commits,
-            "sessions": [vars(r) for r in service.records],
-        },
+    split = {
+        "server_mode": cfg.split.server_mode,
+        "silos": len(names),
+        "failed_silos": sorted(failed),
+        "wire_bytes_per_step_silo0": silo0["wire_bytes_per_step"],
+        "trunk_steps": service.commits,
+        "sessions": [vars(r) for r in service.records],
+        **service.describe(),
     }
-    summary["split"].update(service.describe())
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    summary = write_summary(cfg, seconds, silo0["test"], split=split)
     (out / CONFIG_FILE).write_text(dump_config(cfg), encoding="utf-8")
     return summary
 

@@ -155,18 +155,28 @@ class MetricsLog:
 
 
 def write_summary(
-    cfg: JobConfig, train_s: float, test: dict[str, float], **extra: Any
+    cfg: JobConfig,
+    train_s: float | None,
+    test: dict[str, float] | None,
+    *,
+    out_dir: Path | None = None,
+    with_steps: bool = True,
+    **extra: Any,
 ) -> dict[str, Any]:
-    """Write and return a finished run's ``summary.json`` (``extra`` keys follow ``mode``)."""
-    summary = {
-        "mode": cfg.mode,
-        **extra,
-        "steps": cfg.train.max_steps,
-        "train_seconds": train_s,
-        "test": test,
-        "adapter": str(cfg.output_dir / ADAPTER_DIR),
-    }
-    (cfg.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    """Write and return a run's ``summary.json`` under ``out_dir`` (default ``output_dir``).
+
+    Every mode's summary has ``mode``, its own keys (``extra``, in order), ``steps``
+    (``train.max_steps``, unless ``with_steps`` is false: federated counts rounds),
+    ``train_seconds``, ``test`` and ``adapter``; a coordinator that trains no adapter of its own
+    passes ``train_s`` and ``test`` as None and gets only ``mode`` and its keys.
+    """
+    out = out_dir or cfg.output_dir
+    summary: dict[str, Any] = {"mode": cfg.mode, **extra}
+    if with_steps and test is not None:
+        summary["steps"] = cfg.train.max_steps
+    if test is not None:
+        summary.update(train_seconds=train_s, test=test, adapter=str(out / ADAPTER_DIR))
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
 
 

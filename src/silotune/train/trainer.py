@@ -32,6 +32,7 @@ from silotune.train.run_folder import (
     train_record,
     write_summary,
 )
+from silotune.train.schedule import Schedule
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ def _train(
             )
         log.info("Resuming from %s (step %d)", ckpt, start)
     metrics = MetricsLog(cfg.output_dir / METRICS_FILE, keep_until_step=start if resume else None)
+    schedule = Schedule.steps(cfg)
     clock = time.perf_counter()
     with progress_bar(progress) as bar:
         task_id = bar.add_task("train", total=t.max_steps, completed=start, note="loss -")
@@ -91,9 +93,9 @@ def _train(
             out = train_step(job.model, job.stream, step, optimizer, scheduler, t, job.device)
             done = step + 1
             bar.update(task_id, advance=1, note=f"loss {out.loss:.4f}")
-            if done % t.log_every == 0 or done == t.max_steps:
+            if schedule.logs(done):
                 metrics.write(train_record(done, out, time.perf_counter() - clock))
-            if done % t.eval_every == 0 or done == t.max_steps:
+            if schedule.evaluates(done):
                 hook = progress_hook(bar, f"validation @ {done}")
                 scores = evaluate(
                     job.model, job.task, job.splits.validation, t.eval_batch_size, job.device, hook
