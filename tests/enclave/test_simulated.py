@@ -9,7 +9,7 @@ import torch
 
 from silotune.crypto.identity import IdentityKey
 from silotune.enclave.base import AttestationError, AttestationPolicy, EnclaveError, verify_quote
-from silotune.enclave.ipc import bytes_to_tensor, tensor_to_bytes
+from silotune.enclave.ipc import take_bytes
 from silotune.enclave.measure import measure
 from silotune.enclave.platform import write_platform_key
 from silotune.enclave.simulated import SimulatedEnclave
@@ -77,10 +77,8 @@ def test_sealed_data_opens_only_in_an_enclave_with_the_same_measurement(enclave,
     data = b"trunk adapter state" * 3
 
     def seal_call(target, method, blob):
-        meta, out = target.call(
-            method, {"label": "x", "length": len(blob)}, {"data": bytes_to_tensor(blob)}
-        )
-        return tensor_to_bytes(out["data"], meta["length"])
+        meta, out = target.call(method, {"label": "x", "length": len(blob)}, {"data": blob})
+        return take_bytes(out, "data")
 
     blob = seal_call(enclave, "seal", data)
     assert data not in blob
@@ -119,3 +117,26 @@ def test_unknown_app_and_failing_start_are_clear_errors(platform):
         SimulatedEnclave.start("nope", {}, platform)
     with pytest.raises(EnclaveError, match="could not start"):
         SimulatedEnclave.start("trunk", {"job": {"model": {"name": "no-such-model"}}}, platform)
+
+
+def test_call_frames_carry_bytes_in_the_data_section_and_check_their_lengths():
+    import json as _json
+    import struct as _struct
+
+    import torch as _torch
+
+    from silotune.enclave.ipc import decode_call, encode_call
+    from silotune.errors import FrameError
+
+    blob = bytes(range(7))
+    body = encode_call("seal", {"label": "x"}, {"data": blob, "t": _torch.ones(2)})
+    method, meta, values = decode_call(body)
+    assert (method, meta, values["data"]) == ("seal", {"label": "x"}, blob)
+    assert _torch.equal(values["t"], _torch.ones(2))  # type: ignore[arg-type]
+    # A frame whose blob list does not add up to its data section is refused.
+    (size,) = _struct.unpack_from("<I", body, 4)
+    header = _json.loads(body[8 : 8 + size])
+    header["meta"]["blobs"] = [["data", 3]]
+    raw = _json.dumps(header).encode()
+    with pytest.raises(FrameError, match="do not add up"):
+        decode_call(body[:4] + _struct.pack("<I", len(raw)) + raw + body[8 + size :])

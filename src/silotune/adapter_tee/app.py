@@ -38,7 +38,7 @@ from silotune.config import JobConfig, config_from_dict
 from silotune.data.registry import load_splits
 from silotune.data.tasks import make_task
 from silotune.enclave.base import EnclaveError, OcallHandler, Tensors
-from silotune.enclave.ipc import bytes_to_tensor, tensor_to_bytes
+from silotune.enclave.ipc import take_bytes
 from silotune.errors import ConfigError, ModelError
 from silotune.eval.evaluate import evaluate
 from silotune.models.loading import load_model
@@ -250,14 +250,14 @@ class AdapterEnclaveApp:
             raise EnclaveError("sealing the training state needs an enclave runtime")
         state = pack_state(self.step, self.model, self.optimizer, self.scheduler, self._rng)
         blob = self.runtime.seal(state, STATE_LABEL)
-        return {"step": self.step, "length": len(blob)}, {"blob": bytes_to_tensor(blob)}
+        return {"step": self.step, "length": len(blob)}, {"blob": blob}
 
     def _restore(self, meta: dict[str, Any], tensors: Tensors) -> dict[str, Any]:
         if self.runtime is None:
             raise EnclaveError("unsealing a training state needs an enclave runtime")
         if self.step != 0 or self._restored:
             raise EnclaveError("a sealed state is restored once, before the first step")
-        blob = tensor_to_bytes(tensors["blob"], int(meta["length"]))
+        blob = take_bytes(tensors, "blob")
         state = self.runtime.unseal(blob, STATE_LABEL)
         self.step, self._rng = unpack_state(state, self.model, self.optimizer, self.scheduler)
         self._restored = True

@@ -47,7 +47,7 @@ from silotune.enclave.base import (
     Tensors,
     verify_quote,
 )
-from silotune.enclave.ipc import bytes_to_tensor, tensor_to_bytes
+from silotune.enclave.ipc import take_bytes
 from silotune.enclave.measure import measure
 from silotune.enclave.platform import load_platform_key
 from silotune.enclave.simulated import SimulatedEnclave
@@ -231,7 +231,7 @@ def train_in_enclave(
 def _save_sealed(cfg: JobConfig, enclave: EnclaveCalls, server: FrozenLinearServer) -> Path:
     """Store the enclave's sealed training state as checkpoint ``step-N``, atomically."""
     info, tensors = enclave.call("checkpoint", {}, {}, server)
-    blob = tensor_to_bytes(tensors["blob"], int(info["length"]))
+    blob = take_bytes(tensors, "blob")
     root = cfg.output_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{int(info['step']):08d}"
@@ -256,9 +256,7 @@ def _restore(cfg: JobConfig, enclave: EnclaveCalls, server: FrozenLinearServer) 
         raise CheckpointError(f"--resume: {cfg.output_dir} holds no sealed enclave state")
     blob = path.read_bytes()
     try:
-        info, _ = enclave.call(
-            "restore", {"length": len(blob)}, {"blob": bytes_to_tensor(blob)}, server
-        )
+        info, _ = enclave.call("restore", {"length": len(blob)}, {"blob": blob}, server)
     except EnclaveError as err:
         raise CheckpointError(
             f"--resume: the sealed enclave state {path} does not open in this enclave ({err}); "

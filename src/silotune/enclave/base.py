@@ -59,7 +59,9 @@ QUOTE_MAGIC = b"SQT1"
 QUOTE_CONTEXT = b"silotune/quote/v1\x00"  # domain separation: a quote signature signs nothing else
 MAX_QUOTE_BYTES = 4 + 1 + MAX_BACKEND_CHARS + 32 + 1 + MAX_NONCE_SIZE + 2 + MAX_REPORT_DATA + 64
 
-Tensors = dict[str, torch.Tensor]
+# A call's named values: tensors, or opaque bytes (a sealed blob) that travel in the frame's data
+# section, never disguised as tensors.
+Tensors = dict[str, torch.Tensor | bytes]
 OcallHandler = Callable[[str, dict[str, Any], Tensors], tuple[dict[str, Any], Tensors]]
 """Serves an enclave's call back into the host: ``(method, meta, tensors) -> (meta, tensors)``."""
 

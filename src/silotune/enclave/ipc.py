@@ -4,7 +4,7 @@ Each message is ``body_length (u32) | type (u8) | ident (u32) | body``. ``ident`
 call, return, error and ocall messages) or a relayed connection (open, data, close). Call and ocall
 bodies are :mod:`silotune.transport.frames` frames (JSON header + safetensors, never pickle); relayed
 data is opaque bytes (a silo's sealed channel frames). Frames have no ``uint8`` dtype, so opaque
-bytes inside a call (a sealed blob) travel as an ``int32`` view; :func:`bytes_to_tensor`.
+bytes inside a call (a sealed blob) travel in the frame's data section (:func:`encode_call`).
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ __all__ = [
     "Endpoint",
     "IpcLink",
     "Msg",
-    "bytes_to_tensor",
     "decode_call",
     "decode_error",
     "encode_call",
     "encode_error",
-    "tensor_to_bytes",
+    "take_bytes",
+    "take_tensor",
 ]
 
 log = logging.getLogger(__name__)
@@ -122,8 +122,16 @@ class IpcLink:
 
 
 def encode_call(method: str, meta: dict[str, Any], tensors: Tensors) -> bytes:
-    """A call, ocall or answer as a frame: ``meta = {"method", "meta"}`` plus the tensors."""
-    return encode_frame(KIND_FORWARD, 0, tensors, {"method": method, "meta": meta})
+    """A call, ocall or answer as a frame: ``meta = {"method", "meta", "blobs"}`` plus values.
+
+    Tensor values travel as tensors; bytes values (sealed blobs) travel in the frame's data
+    section, named with their lengths in ``blobs``.
+    """
+    arrays = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+    blobs = {k: bytes(v) for k, v in tensors.items() if not isinstance(v, torch.Tensor)}
+    sizes = [[name, len(blob)] for name, blob in blobs.items()]
+    header = {"method": method, "meta": meta, "blobs": sizes}
+    return encode_frame(KIND_FORWARD, 0, arrays, header, data=b"".join(blobs.values()))
 
 
 def decode_call(body: bytes) -> tuple[str, dict[str, Any], Tensors]:
@@ -132,7 +140,42 @@ def decode_call(body: bytes) -> tuple[str, dict[str, Any], Tensors]:
     method, meta = frame.meta.get("method"), frame.meta.get("meta")
     if frame.kind != KIND_FORWARD or not isinstance(method, str) or not isinstance(meta, dict):
         raise FrameError("an enclave call frame carries meta {'method': str, 'meta': dict}")
-    return method, meta, dict(frame.tensors)
+    values: Tensors = dict(frame.tensors)
+    sizes, offset = frame.meta.get("blobs"), 0
+    if not isinstance(sizes, list):
+        raise FrameError("an enclave call frame lists its blobs as [name, length] pairs")
+    for entry in sizes:
+        if (
+            not isinstance(entry, list)
+            or len(entry) != 2
+            or not isinstance(entry[0], str)
+            or entry[0] in values
+            or isinstance(entry[1], bool)
+            or not isinstance(entry[1], int)
+            or entry[1] < 0
+        ):
+            raise FrameError("an enclave call frame lists its blobs as [name, length] pairs")
+        values[entry[0]] = frame.data[offset : offset + entry[1]]
+        offset += entry[1]
+    if offset != len(frame.data):
+        raise FrameError("an enclave call frame's blobs do not add up to its data section")
+    return method, meta, values
+
+
+def take_bytes(values: Tensors, name: str) -> bytes:
+    """The opaque bytes value ``name`` of a call; EnclaveError if it is missing or a tensor."""
+    value = values.get(name)
+    if not isinstance(value, bytes):
+        raise EnclaveError(f"an enclave call needs the bytes value {name!r}")
+    return value
+
+
+def take_tensor(values: Tensors, name: str) -> torch.Tensor:
+    """The tensor value ``name`` of a call; EnclaveError if it is missing or bytes."""
+    value = values.get(name)
+    if not isinstance(value, torch.Tensor):
+        raise EnclaveError(f"an enclave call needs the tensor {name!r}")
+    return value
 
 
 def encode_error(message: str) -> bytes:
@@ -147,19 +190,6 @@ def decode_error(body: bytes) -> str:
     except FrameError as exc:
         return f"(malformed error answer: {exc})"
     return message if isinstance(message, str) else "(no message)"
-
-
-def bytes_to_tensor(data: bytes) -> torch.Tensor:
-    """Opaque bytes as an ``int32`` tensor (zero-padded to 4 bytes); pass ``len(data)`` along."""
-    padded = data + b"\x00" * (-len(data) % 4)
-    return torch.frombuffer(bytearray(padded), dtype=torch.int32)
-
-
-def tensor_to_bytes(tensor: torch.Tensor, length: int) -> bytes:
-    """Inverse of :func:`bytes_to_tensor`."""
-    if tensor.dtype != torch.int32 or tensor.dim() != 1 or not 0 <= length <= 4 * tensor.numel():
-        raise EnclaveError("a byte tensor must be 1-D int32 holding at least `length` bytes")
-    return tensor.contiguous().numpy().tobytes()[:length]
 
 
 class ChannelConnection:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from silotune.enclave.base import EnclaveError, OcallHandler, Tensors
-from silotune.enclave.ipc import bytes_to_tensor, tensor_to_bytes
+from silotune.enclave.ipc import take_bytes, take_tensor
 from silotune.enclave.runtime import EnclaveRuntime
 from silotune.transport.base import Connection, ConnectionClosed
 
@@ -31,18 +31,18 @@ class SelfTestApp:
         """Answer one call (see the module docstring)."""
         if method == "echo":
             scale = float(meta.get("scale", 1.0))
-            return {"n": len(tensors)}, {k: v * scale for k, v in tensors.items()}
+            return {"n": len(tensors)}, {k: take_tensor(tensors, k) * scale for k in tensors}
         if method in ("seal", "unseal"):
-            data = tensor_to_bytes(tensors["data"], int(meta["length"]))
+            data = take_bytes(tensors, "data")
             label = str(meta["label"])
             if method == "seal":
                 out = self.runtime.seal(data, label)
             else:
                 out = self.runtime.unseal(data, label)
-            return {"length": len(out)}, {"data": bytes_to_tensor(out)}
+            return {"length": len(out)}, {"data": out}
         if method == "ocall":
-            _, answer = ocall("double", {}, {"x": tensors["x"]})
-            return {}, {"x": answer["x"] + 1}
+            _, answer = ocall("double", {}, {"x": take_tensor(tensors, "x")})
+            return {}, {"x": take_tensor(answer, "x") + 1}
         if method == "fail":
             raise EnclaveError(f"self-test failure requested: {meta.get('why', 'no reason')}")
         if method == "info":

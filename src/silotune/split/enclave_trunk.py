@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from silotune.enclave.base import EnclaveError
-from silotune.enclave.ipc import tensor_to_bytes
+from silotune.enclave.ipc import take_bytes
 from silotune.enclave.simulated import SimulatedEnclave
 from silotune.errors import SplitError
 from silotune.transport.base import Connection, TransportError
@@ -161,7 +161,7 @@ class EnclaveTrunk:
         meta, tensors = self.enclave.call("seal_trunk", {}, {})
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / SEALED_TRUNK
-        path.write_bytes(tensor_to_bytes(tensors["blob"], int(meta["length"])))
+        path.write_bytes(take_bytes(tensors, "blob"))
         log.info(
             "Trunk adapter sealed by the simulated enclave (%d tensors) to %s.",
             meta["tensors"],

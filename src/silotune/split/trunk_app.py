@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from silotune.enclave.base import AttestationError, EnclaveError, OcallHandler, Tensors
-from silotune.enclave.ipc import bytes_to_tensor
 from silotune.enclave.runtime import EnclaveRuntime
 from silotune.split.attest import parse_attest_request
 from silotune.transport.base import Connection, TransportError
@@ -99,5 +98,5 @@ class TrunkEnclaveApp:
 
             state = self.service.engine.trunk_state()
             blob = self.runtime.seal(save(state, metadata={"format": "pt"}), SEAL_LABEL)
-            return {"length": len(blob), "tensors": len(state)}, {"blob": bytes_to_tensor(blob)}
+            return {"length": len(blob), "tensors": len(state)}, {"blob": blob}
         raise EnclaveError(f"the trunk enclave has no method {method!r}; use status or seal_trunk")
