@@ -21,8 +21,6 @@ nothing is overwritten: an existing file makes the command stop before writing a
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -32,28 +30,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from silotune.crypto.identity import Enrollment, IdentityKey
 from silotune.errors import ConfigError
+from silotune.files import atomic_write
 from silotune.transport.tls import CA_CERT, generate_tls_material
 
 SUPERNODE_KEY, SUPERNODE_PUB = "supernode.key", "supernode.pub"
 IDENTITY_KEY, IDENTITY_PUB = "identity.pem", "identity.pub"
 COORDINATOR_KEY, COORDINATOR_PUB = "coordinator.key", "coordinator.pub"
 ENROLLMENT = "enrollment.json"
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Write atomically with `mode`; the caller has checked the path is free."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def supernode_keypair() -> tuple[bytes, bytes]:
@@ -95,10 +78,11 @@ def generate(out: Path, silos: int, hosts: list[str], days: int = 365) -> list[P
     registered = []
     enrollment = Enrollment()
     for d in silo_dirs:
-        _write(d / CA_CERT, tls.ca_cert_pem, 0o644)
+        d.mkdir(parents=True, exist_ok=True)
+        atomic_write(d / CA_CERT, tls.ca_cert_pem, 0o644)
         private, public = supernode_keypair()
-        _write(d / SUPERNODE_KEY, private, 0o600)
-        _write(d / SUPERNODE_PUB, public, 0o644)
+        atomic_write(d / SUPERNODE_KEY, private, 0o600)
+        atomic_write(d / SUPERNODE_PUB, public, 0o644)
         identity = IdentityKey.generate()
         identity.save(d / IDENTITY_KEY)
         identity.public.save(d / IDENTITY_PUB)
@@ -111,7 +95,7 @@ def generate(out: Path, silos: int, hosts: list[str], days: int = 365) -> list[P
         enrollment.save(d / ENROLLMENT)
     for d in silo_dirs:
         leader.public.save(d / COORDINATOR_PUB)
-    _write(coordinator / "supernodes.txt", b"".join(registered), 0o644)
+    atomic_write(coordinator / "supernodes.txt", b"".join(registered), 0o644)
     return planned
 
 

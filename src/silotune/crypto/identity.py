@@ -23,7 +23,6 @@ import json
 import os
 import re
 import stat
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from silotune.crypto.exceptions import AuthenticationError, KeyMaterialError, UnknownIdentityError
+from silotune.files import atomic_write
 
 PUBLIC_KEY_SIZE = 32
 PRIVATE_KEY_SIZE = 32
@@ -57,44 +57,6 @@ def fingerprint(public_bytes: bytes) -> str:
     """Short hex digest of a raw 32-byte public key, for logs and documents (never for pinning)."""
     raw = _require_bytes("public_bytes", public_bytes)
     return hashlib.sha256(raw).hexdigest()[:FINGERPRINT_HEX_DIGITS]
-
-
-def _atomic_write(path: Path, data: bytes, mode: int, *, overwrite: bool) -> None:
-    """Write ``data`` to ``path`` with ``mode`` so that readers see the old file or the new one.
-
-    The temporary file is created 0600 by ``mkstemp`` and only then widened to ``mode``, so secret
-    bytes are never readable by others, whatever the umask. Without ``overwrite`` an existing file
-    is never replaced (``os.link`` fails if the name exists: no check-then-write race).
-    """
-    path = Path(path)
-    if not overwrite and path.exists():
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            if hasattr(os, "fchmod"):
-                os.fchmod(handle.fileno(), mode)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if overwrite:
-            os.replace(tmp_name, path)
-        else:
-            try:
-                os.link(tmp_name, path)
-            except FileExistsError:
-                raise FileExistsError(
-                    f"{path} already exists; pass overwrite=True to replace it"
-                ) from None
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX only)
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 class PublicIdentity:
@@ -168,7 +130,7 @@ class PublicIdentity:
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
         """Write the PEM public key atomically, mode 0644."""
-        _atomic_write(Path(path), self.to_pem(), 0o644, overwrite=overwrite)
+        atomic_write(Path(path), self.to_pem(), 0o644, overwrite=overwrite)
 
     def fingerprint(self) -> str:
         """16 hex digits of SHA-256 of the raw key, for logs and documents."""
@@ -271,7 +233,7 @@ class IdentityKey:
         overwrite: bool = False,
     ) -> None:
         """Write the PEM private key atomically, mode 0600; never replace a file unless asked."""
-        _atomic_write(Path(path), self.to_pem(password=password), 0o600, overwrite=overwrite)
+        atomic_write(Path(path), self.to_pem(password=password), 0o600, overwrite=overwrite)
 
     @property
     def public(self) -> PublicIdentity:
@@ -426,7 +388,7 @@ class Enrollment:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the enrollment file atomically (mode 0644), replacing the previous version."""
-        _atomic_write(Path(path), self.to_json().encode("utf-8"), 0o644, overwrite=True)
+        atomic_write(Path(path), self.to_json().encode("utf-8"), 0o644, overwrite=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Enrollment:

@@ -13,7 +13,6 @@ import ipaddress
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from silotune.errors import TlsMaterialError
+from silotune.files import atomic_write
 
 __all__ = [
     "CA_CERT",
@@ -92,21 +92,6 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder: no half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def generate_tls_material(
@@ -229,10 +214,10 @@ def generate_tls_material(
         server_key_pem=_key_pem(server_key),
     )
     # Keys first, certificates last: a reader never finds a certificate without its key.
-    _write_atomic(folder / CA_KEY, _key_pem(ca_key), 0o600)
-    _write_atomic(folder / SERVER_KEY, material.server_key_pem or b"", 0o600)
-    _write_atomic(folder / CA_CERT, material.ca_cert_pem, 0o644)
-    _write_atomic(folder / SERVER_CERT, material.server_cert_pem or b"", 0o644)
+    atomic_write(folder / CA_KEY, _key_pem(ca_key), 0o600)
+    atomic_write(folder / SERVER_KEY, material.server_key_pem or b"", 0o600)
+    atomic_write(folder / CA_CERT, material.ca_cert_pem, 0o644)
+    atomic_write(folder / SERVER_CERT, material.server_cert_pem or b"", 0o644)
     log.info("Wrote TLS CA and server certificate for %s to %s.", ", ".join(hosts), folder)
     return material
 
