@@ -77,18 +77,13 @@ def test_unenrolled_silo_is_refused_and_an_enrolled_one_still_trains(keys_dir, t
     assert outcomes[-1] == ("finished", "")
 
 
-@pytest.mark.parametrize(
-    "action,error",
-    [("flip", "failed authentication"), ("replay", "was already accepted")],
-)
-def test_bad_frame_ends_only_its_session(action, error, keys_dir, tls_dir):
-    cfg = split_cfg(train={"max_steps": 3}, silos=2, server_mode="client-batching")
+def _run_with_meddler(cfg, keys_dir, tls_dir, action: str, at: int):
+    """Train an honest silo-0 next to a silo-1 whose ``at``-th message is meddled with."""
     steps = cfg.train.max_steps
     with trunk_server(cfg, keys_dir, tls_dir) as (service, connect_fn):
         honest = silo_end(cfg, open_silo(connect_fn, keys_dir, "silo-0"))
         identity, coordinator = load_silo_keys(keys_dir, "silo-1")
-        # messages: hello, confirm, join, forward, backward (mid-step 1) ...
-        wire = Meddler(connect_fn("silo-1"), action, at=5)
+        wire = Meddler(connect_fn("silo-1"), action, at=at)
         meddled = silo_end(cfg, open_session(wire, identity, coordinator, timeout=30))
         results = {}
 
@@ -99,14 +94,29 @@ def test_bad_frame_ends_only_its_session(action, error, keys_dir, tls_dir):
             train_silo(meddled, cfg, make_stream(cfg, meddled.half, 1), steps)
 
         errors = run_threads(run_honest, run_meddled)
-        trunk = service.engine.trunk_state()
+        trunk = {k: v.clone() for k, v in service.engine.trunk_state().items()}
+    return errors, results, trunk, {r.silo: r for r in service.records}
+
+
+@pytest.mark.parametrize(
+    "action,error",
+    [("flip", "failed authentication"), ("replay", "was already accepted")],
+)
+@pytest.mark.parametrize("mode", ["sequential", "client-batching"])
+def test_bad_frame_ends_only_its_session(action, error, mode, keys_dir, tls_dir):
+    cfg = split_cfg(train={"max_steps": 3}, silos=2, server_mode=mode)
+    steps = cfg.train.max_steps
+    # messages: hello, confirm, join, forward, backward (mid-step 1) ...
+    errors, results, trunk, record = _run_with_meddler(cfg, keys_dir, tls_dir, action, 5)
     assert errors[0] is None, errors[0]
     assert isinstance(errors[1], SplitError) and error in str(errors[1])
-    assert len(results["honest"]) == steps and all(map(math.isfinite, results["honest"]))
-    record = {r.silo: r for r in service.records}
     assert record["silo-1"].outcome == "rejected" and error in record["silo-1"].detail
     assert record["silo-0"].outcome == "finished" and record["silo-0"].steps == steps
-    assert all(torch.isfinite(t).all() for t in trunk.values())
+    # No contamination: the trunk and the honest silo's losses are exactly those of a run in
+    # which silo-1 simply vanished at that message (its half-done step never reached the trunk).
+    _, clean, clean_trunk, _ = _run_with_meddler(cfg, keys_dir, tls_dir, "drop", 5)
+    assert results["honest"] == clean["honest"]
+    assert all(torch.equal(trunk[k], clean_trunk[k]) for k in clean_trunk)
 
 
 @pytest.mark.parametrize("mode", ["sequential", "client-batching", "server-hierarchical"])
