@@ -32,9 +32,10 @@ import torch
 from silotune.config import JobConfig
 from silotune.data.registry import load_splits
 from silotune.data.tasks import make_task
+from silotune.errors import ConfigError
 from silotune.eval.evaluate import evaluate
 from silotune.split.keys import load_coordinator_keys, load_silo_keys, write_job_keys
-from silotune.split.parts import build_half, check_split_config
+from silotune.split.parts import PartState, build_half, check_split_config
 from silotune.split.runner import build_service
 from silotune.split.session import open_session
 from silotune.split.silo import SplitSilo, TrunkLink
@@ -61,6 +62,7 @@ class SplitObservation:
     # Ground truth (the silo's own batches), never read by an attack.
     input_ids: list[torch.Tensor] = field(default_factory=list)  # (B, T) each
     labels: list[torch.Tensor] = field(default_factory=list)  # (B, T) each, -100 = no loss
+    attention: list[torch.Tensor] = field(default_factory=list)  # (B, T) each, the silo's mask
     losses: list[float] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
     test: dict[str, float] = field(default_factory=dict)
@@ -104,11 +106,30 @@ def _stream(cfg: JobConfig, tokenizer: Any) -> tuple[BatchStream, Any, Any]:
     return stream, task, splits
 
 
+def _load_adapter(half: Any, folder: Path) -> None:
+    """Set the silo's head and tail adapters from a saved PEFT adapter folder."""
+    from safetensors.torch import load_file
+
+    from silotune.adapters.peft_adapters import ADAPTER_WEIGHTS
+
+    path = Path(folder) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise ConfigError(f"--run: {path} does not exist; pass a finished run's output_dir")
+    parts = [half.parts.head, half.parts.tail]
+    names = PartState(half.model, parts)
+    state = load_file(path)
+    missing = [peft for _, _, peft in names.names if peft not in state]
+    if missing:
+        raise ConfigError(f"--run: {path} lacks the silo adapter tensor {missing[0]}")
+    names.set(parts, {peft: state[peft] for _, _, peft in names.names})
+
+
 def observe_split(
     cfg: JobConfig,
     steps: int | None = None,
     *,
     eval_examples: int = 0,
+    adapter: Path | None = None,
 ) -> SplitObservation:
     """Train ``steps`` split steps of ``cfg`` (one silo, in process) and return the observation.
 
@@ -122,6 +143,9 @@ def observe_split(
     eval_examples
         If positive, the silo's classification accuracy on that many test examples after
         training goes into ``test`` (the accuracy cost of the setting).
+    adapter
+        A finished run's ``adapter/`` folder: the silo starts from its head and tail adapters
+        (the leakage of a trained job).
     """
     check_split_config(cfg)
     steps = cfg.train.max_steps if steps is None else steps
@@ -152,7 +176,7 @@ def observe_split(
             server = InProcessServer(service.handle)
         server.start()
         try:
-            _run_silo(job, server, keys, seen, steps, eval_examples, link_box)
+            _run_silo(job, server, keys, seen, steps, eval_examples, link_box, adapter)
         finally:
             server.stop(1.0)
             if enclave is not None:
@@ -168,6 +192,7 @@ def _run_silo(
     steps: int,
     eval_examples: int,
     link_box: list[TrunkLink],
+    adapter: Path | None,
 ) -> None:
     connection = server.connect(SILO)
     if job.split.trunk_in_enclave:
@@ -180,6 +205,8 @@ def _run_silo(
         identity, coordinator = load_silo_keys(keys, SILO)
     session = open_session(connection, identity, coordinator, timeout=job.split.timeout_s)
     half = build_half(job, "silo")
+    if adapter is not None:
+        _load_adapter(half, adapter)
     s, t = job.split, job.train
     link = TrunkLink(session, t.grad_accum, s.activation_dtype, s.noise_sigma, t.seed, s.timeout_s)
     link_box.append(link)
@@ -194,6 +221,7 @@ def _run_silo(
     def loss_fn(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         seen.input_ids.append(batch["input_ids"].detach().cpu().clone())
         seen.labels.append(batch["labels"].detach().cpu().clone())
+        seen.attention.append(batch["attention_mask"].detach().cpu().clone())
         return model.loss(module, batch)
 
     try:

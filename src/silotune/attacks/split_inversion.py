@@ -194,7 +194,7 @@ def invert_ciphertext(table: TokenTable, obs: SplitObservation, hidden_size: int
     messages = [m for d, m in obs.relayed if d == "to_enclave"]
     scores = []
     used = 0
-    for ids, mask, labels in zip(obs.input_ids, obs.mask, obs.labels, strict=False):
+    for ids, mask, labels in zip(obs.input_ids, obs.attention, obs.labels, strict=True):
         need = ids.numel() * hidden_size * 4
         while used < len(messages) and len(messages[used]) < need:
             used += 1

@@ -34,6 +34,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "simulated enclave: split trunk and adapter-in-TEE cost vs plain; SPF+LoRA vs LoRA accuracy",
         "silotune.bench.enclave",
     ),
+    "privacy": (
+        "privacy attacks (split inversion and labels, enclave ciphertext, TEE masks) vs defences",
+        "silotune.bench.privacy",
+    ),
 }
 
 

@@ -1,0 +1,190 @@
+"""`silotune bench privacy`: every attack of `silotune.attacks` against the settings that should stop it.
+
+Split jobs (one silo, in process, through the real trunk service) on fortunes-sample; tiny-llama
+with ``--quick``, SmolLM2-135M otherwise. For each attack, rows of ``{"setting", "leakage",
+"chance", "cost"}``: the attack on the default split (``head_layers`` 1, no noise, float32), then
+on each defence (more head layers, noise, a narrower wire dtype, a trained head adapter, the trunk
+in the enclave; for the gradient side more tail layers and noise). The cost of a setting comes from
+the same run: step time, and for the settings trained ``ACCURACY_STEPS`` steps, the test accuracy.
+Noise levels are multiples of the RMS of the default run's head activations, measured in this run.
+One PNG per attack (leakage against step time, and against accuracy where measured) goes to
+``$SILOTUNE_BENCH_OUT`` (default ``./bench-out``)``/privacy``. A table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from silotune.attacks.observe import SplitObservation, observe_split
+from silotune.attacks.run import AttackCache, run_attack
+from silotune.attacks.tee_masks import tee_job, tee_leakage
+from silotune.config import JobConfig, config_from_dict
+
+log = logging.getLogger(__name__)
+
+NOISE_FACTORS = (0.25, 1.0, 4.0)  # noise_sigma as multiples of the head activations' RMS
+
+
+def _grid(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {"model": "tiny-llama", "max_length": 64, "accuracy_steps": 20, "eval": 40,
+                "inverter_steps": 150, "inverter_texts": 600, "tee_model": "tiny-llama"}  # fmt: skip
+    return {"model": "smollm2-135m", "max_length": 128, "accuracy_steps": 30, "eval": 80,
+            "inverter_steps": 200, "inverter_texts": 1000, "tee_model": "tiny-llama"}  # fmt: skip
+
+
+def _job(grid: dict[str, Any], **split: Any) -> JobConfig:
+    return config_from_dict(
+        {
+            "mode": "split",
+            "model": grid["model"],
+            "adapter": {"type": "lora", "r": 8},
+            "data": {"dataset": "fortunes-sample", "max_length": grid["max_length"]},
+            "train": {
+                "max_steps": grid["accuracy_steps"],
+                "batch_size": 8,
+                "lr": 1e-3,
+                "eval_every": 10_000,
+                "log_every": 10_000,
+            },  # fmt: skip
+            "split": {"silos": 1, "timeout_s": 900, "head_layers": 1, "tail_layers": 1, **split},
+        }
+    )
+
+
+def _rms(obs: SplitObservation) -> float:
+    hidden, mask = obs.hidden[0], obs.mask[0].bool()
+    return float(hidden[mask].pow(2).mean().sqrt())
+
+
+def run(quick: bool, console: Console) -> dict[str, Any]:
+    """Run every attack over its settings; print the table; return the JSON object."""
+    torch.set_num_threads(1)
+    grid = _grid(quick)
+    cache = AttackCache(grid["inverter_steps"], grid["inverter_texts"])
+    steps = grid["accuracy_steps"]
+    results: dict[str, list[dict[str, Any]]] = {
+        "split-nearest": [], "split-learned": [], "split-ciphertext": [], "split-labels": [],
+        "tee-masks": [],
+    }  # fmt: skip
+
+    def attack(names: tuple[str, ...], cfg: JobConfig, trained: int = 0, evals: int = 0) -> None:
+        console.log(
+            f"privacy bench: {names} {cfg.split.model_dump(include=_KEYS)} trained {trained}"
+        )
+        obs = observe_split(cfg, trained + 2, eval_examples=evals)
+        for name in names:
+            row = run_attack(name, cfg, trained_steps=trained, cache=cache, obs=obs)
+            results[name].append(row)
+        return obs
+
+    both = ("split-nearest", "split-learned")
+    # Trained runs first: the default split (also the accuracy baseline) and the defences.
+    base = attack((*both, "split-labels"), _job(grid), trained=steps, evals=grid["eval"])
+    rms = _rms(base)
+    attack(both, _job(grid, head_layers=4), trained=steps, evals=grid["eval"])
+    for factor in NOISE_FACTORS[1:]:
+        cfg = _job(grid, noise_sigma=round(factor * rms, 6))
+        attack((*both, "split-labels"), cfg, trained=steps, evals=grid["eval"])
+    # Before training: head depth, noise, wire dtype, tail depth.
+    for h in (0, 1, 2, 4):
+        attack(both, _job(grid, head_layers=h))
+    attack(both, _job(grid, noise_sigma=round(NOISE_FACTORS[0] * rms, 6)))
+    for dtype in ("float16", "bfloat16"):
+        attack(both, _job(grid, activation_dtype=dtype))
+    for t in (1, 2, 4):
+        attack(("split-labels",), _job(grid, tail_layers=t))
+    attack(("split-ciphertext",), _job(grid, trunk_in_enclave=True))
+    # Adapter in the TEE (tiny-llama: the masked path runs every frozen matmul through the REE).
+    tee = tee_job(_job({**grid, "model": grid["tee_model"], "max_length": 64}))
+    for mask_std in (1.0, 1e4):
+        for reuse in (False, True):
+            console.log(f"privacy bench: tee-masks mask_std {mask_std} reused {reuse}")
+            row = tee_leakage(tee, mask_std, reuse)
+            setting = {"model": grid["tee_model"], "mask_std": mask_std, "reused_mask": reuse}
+            results["tee-masks"].append({"setting": setting, **row, "cost": {}})
+    _print(console, grid["model"], results, rms)
+    plots = _plots(results, Path(os.environ.get("SILOTUNE_BENCH_OUT", "bench-out")) / "privacy")
+    return {"bench": "privacy", "model": grid["model"], "activation_rms": rms,
+            "results": results, "plots": plots}  # fmt: skip
+
+
+_KEYS = {"head_layers", "tail_layers", "noise_sigma", "activation_dtype", "trunk_in_enclave"}
+
+
+def _label(setting: dict[str, Any]) -> str:
+    if "mask_std" in setting:
+        return (
+            f"mask_std {setting['mask_std']:g}, {'reused' if setting['reused_mask'] else 'fresh'}"
+        )
+    parts = [f"h{setting['head_layers']}", f"t{setting['tail_layers']}"]
+    if setting["noise_sigma"]:
+        parts.append(f"noise {setting['noise_sigma']:g}")
+    if setting["activation_dtype"] != "float32":
+        parts.append(setting["activation_dtype"])
+    if setting["trunk_in_enclave"]:
+        parts.append("enclave")
+    if setting["trained_steps"]:
+        parts.append(f"after {setting['trained_steps']} steps")
+    return " ".join(parts)
+
+
+def _print(console: Console, model: str, results: dict[str, Any], rms: float) -> None:
+    table = Table(title=f"bench privacy: {model} (head activation RMS {rms:.3g})")
+    for col in ("attack", "setting", "leakage", "chance", "sentences", "step s", "accuracy"):
+        table.add_column(col, justify="left" if col in ("attack", "setting") else "right")
+    for name, rows in results.items():
+        for row in rows:
+            cost = row["cost"]
+            table.add_row(
+                name,
+                _label(row["setting"]),
+                f"{row['leakage']:.1%}",
+                f"{row['chance']:.1%}",
+                f"{row['sentences']:.1%}" if "sentences" in row else "",
+                f"{cost['step_s']:.2f}" if "step_s" in cost else "",
+                f"{cost['accuracy']:.3f}" if "accuracy" in cost else "",
+            )
+    Console(file=console.file, width=max(console.width, 150)).print(table)
+
+
+def _plots(results: dict[str, Any], folder: Path) -> dict[str, str]:
+    """One PNG per attack: leakage against step time, and against accuracy where measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, rows in results.items():
+        timed = [r for r in rows if "step_s" in r["cost"]]
+        if not timed:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for ax, key, xlabel in ((axes[0], "step_s", "step time (s)"),
+                                (axes[1], "accuracy", "test accuracy")):  # fmt: skip
+            points = [r for r in timed if key in r["cost"]]
+            for r in points:
+                ax.scatter(r["cost"][key], r["leakage"], color="tab:red")
+                ax.annotate(_label(r["setting"]), (r["cost"][key], r["leakage"]), fontsize=7)
+            if points:
+                ax.axhline(max(r["chance"] for r in points), ls="--", color="grey", label="chance")
+                ax.legend(loc="lower right", fontsize=7)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("leakage")
+            ax.set_ylim(-0.02, 1.02)
+        fig.suptitle(f"{name}: leakage vs cost")
+        fig.tight_layout()
+        path = folder / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written[name] = str(path)
+    return written
