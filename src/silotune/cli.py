@@ -1,4 +1,4 @@
-"""The `silotune` command line: train, eval, demo, data, models, config, bench."""
+"""The `silotune` command line: train, eval, demo, data, models, config, bench, attack."""
 
 from __future__ import annotations
 
@@ -205,6 +205,7 @@ app.command()(split_cli.serve)
 app.command()(split_cli.join)
 app.command("keygen")(__import__("silotune.federated.keygen", fromlist=["keygen"]).keygen)
 app.add_typer(__import__("silotune.enclave.cli", fromlist=["app"]).app, name="enclave")
+app.command()(__import__("silotune.attacks.cli", fromlist=["attack"]).attack)
 
 
 def _print_scores(split: str, scores: dict[str, float]) -> None:

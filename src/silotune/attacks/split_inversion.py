@@ -324,7 +324,7 @@ def train_inverter(
         loss.backward()
         optimizer.step()
         if step % 100 == 0 or step == steps - 1:
-            log.info("Inverter step %d/%d: loss %.3f", step + 1, steps, float(loss))
+            log.info("Inverter step %d/%d: loss %.3f", step + 1, steps, float(loss.detach()))
     model.eval()
     return model
 
