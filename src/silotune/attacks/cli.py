@@ -12,8 +12,10 @@ from silotune.errors import ConfigError
 
 
 def attack(
-    name: Annotated[str, typer.Argument(help="Attack name (see `silotune attack --list x x`).")],
-    config: Annotated[Path, typer.Argument(help="YAML job recipe the attack targets.")],
+    name: Annotated[str, typer.Argument(help="Attack name (see `silotune attack --list`).")] = "",
+    config: Annotated[
+        Path | None, typer.Argument(help="YAML job recipe the attack targets.")
+    ] = None,
     run: Annotated[
         Path | None,
         typer.Option(help="A finished run's output_dir: the silo starts from its adapter."),
@@ -33,12 +35,14 @@ def attack(
     from silotune.attacks.run import run_attack
     from silotune.config import load_config
 
-    if list_:
+    if list_ or not name:
         for key, desc in ATTACKS.items():
             typer.echo(f"{key:18s} {desc}")
         return
     if name not in ATTACKS:
         raise ConfigError(f"unknown attack '{name}' (available: {', '.join(ATTACKS)})")
+    if config is None:
+        raise ConfigError(f"attack '{name}' needs a job config: silotune attack {name} CONFIG")
     torch.set_num_threads(1)
     cfg = load_config(config, set_)
     adapter = None
