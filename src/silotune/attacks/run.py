@@ -118,12 +118,13 @@ def run_attack(
     if name == "split-ciphertext" and not cfg.split.trunk_in_enclave:
         cfg = cfg.model_copy(deep=True)
         cfg.split.trunk_in_enclave = True
-    clock = time.perf_counter()
+    timing: dict[str, float] = {}
     if obs is None:
+        clock = time.perf_counter()
         obs = observe_split(
             cfg, trained_steps + observe_steps, eval_examples=eval_examples, adapter=adapter
         )
-    observe_s = time.perf_counter() - clock
+        timing["observe_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
     if name == "split-nearest":
         result = invert_nearest(cache.table(cfg), obs, trained_steps)
@@ -134,9 +135,8 @@ def run_attack(
         result = invert_ciphertext(cache.table(cfg), obs, hidden)
     else:  # split-labels
         result = infer_labels(cache.pub(cfg), obs, trained_steps)
-    attack_s = time.perf_counter() - clock
-    cost = cost_of(obs)
-    cost.update({"observe_s": observe_s, "attack_s": attack_s})
+    timing["attack_s"] = time.perf_counter() - clock
+    cost = {**cost_of(obs), **timing}
     leakage, chance = result.pop("leakage"), result.pop("chance")
     return {
         "setting": setting_of(cfg, trained_steps),
