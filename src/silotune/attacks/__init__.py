@@ -15,4 +15,5 @@ ATTACKS: dict[str, str] = {
     "split-labels": "coordinator infers class labels from the tail's gradients (public tail)",
     "split-ciphertext": "enclave host runs the nearest-row attack on the ciphertext it relays",
     "tee-masks": "adapter-in-TEE REE decodes tokens from masked inputs, fresh vs reused masks",
+    "federated-mia": "coordinator tells a silo's training texts from held-out ones (loss, LiRA)",
 }

@@ -112,6 +112,10 @@ def run_attack(
         from silotune.attacks.tee_masks import run_tee
 
         return run_tee(cfg)
+    if name == "federated-mia":
+        from silotune.attacks.federated_mia import MIA_SETTINGS, run_mia
+
+        return run_mia(cfg, MIA_SETTINGS)
     if cfg.mode != "split":
         raise ConfigError(f"attack '{name}' needs a job with mode: split, got mode '{cfg.mode}'")
     cache = cache or AttackCache()

@@ -22,6 +22,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from silotune.attacks.federated_mia import MIA_SETTINGS, run_mia
 from silotune.attacks.observe import SplitObservation, observe_split
 from silotune.attacks.run import AttackCache, run_attack
 from silotune.attacks.tee_masks import tee_job, tee_leakage
@@ -59,6 +60,19 @@ def _job(grid: dict[str, Any], **split: Any) -> JobConfig:
     )
 
 
+def _mia_job(grid: dict[str, Any]) -> JobConfig:
+    return config_from_dict(
+        {
+            "mode": "federated",
+            "model": grid["tee_model"],
+            "adapter": {"type": "lora", "r": 8},
+            "data": {"dataset": "fortunes-sample", "task": "lm", "max_length": 64},
+            "train": {"batch_size": 8, "lr": 5e-3, "eval_batch_size": 32},
+            "federation": {"silos": 4, "rounds": 1, "local_steps": 30, "min_silos": 2},
+        }
+    )
+
+
 def _rms(obs: SplitObservation) -> float:
     hidden, mask = obs.hidden[0], obs.mask[0].bool()
     return float(hidden[mask].pow(2).mean().sqrt())
@@ -72,7 +86,7 @@ def run(quick: bool, console: Console) -> dict[str, Any]:
     steps = grid["accuracy_steps"]
     results: dict[str, list[dict[str, Any]]] = {
         "split-nearest": [], "split-learned": [], "split-ciphertext": [], "split-labels": [],
-        "tee-masks": [],
+        "tee-masks": [], "federated-mia": [],
     }  # fmt: skip
 
     def attack(names: tuple[str, ...], cfg: JobConfig, trained: int = 0, evals: int = 0) -> None:
@@ -110,6 +124,9 @@ def run(quick: bool, console: Console) -> dict[str, Any]:
             row = tee_leakage(tee, mask_std, reuse)
             setting = {"model": grid["tee_model"], "mask_std": mask_std, "reused_mask": reuse}
             results["tee-masks"].append({"setting": setting, **row, "cost": {}})
+    # Federated membership inference (tiny-llama: one round of every setting plus 16 shadows).
+    console.log("privacy bench: federated-mia")
+    results["federated-mia"] = run_mia(_mia_job(grid), MIA_SETTINGS)["rows"]
     _print(console, grid["model"], results, rms)
     plots = _plots(results, Path(os.environ.get("SILOTUNE_BENCH_OUT", "bench-out")) / "privacy")
     return {"bench": "privacy", "model": grid["model"], "activation_rms": rms,
@@ -120,6 +137,10 @@ _KEYS = {"head_layers", "tail_layers", "noise_sigma", "activation_dtype", "trunk
 
 
 def _label(setting: dict[str, Any]) -> str:
+    if "secure_aggregation" in setting:
+        dp = setting.get("dp")
+        extra = f", DP sigma {dp['noise_multiplier']:g}" if dp else ""
+        return f"{setting['silos']} silo(s), {setting['secure_aggregation']}{extra}"
     if "mask_std" in setting:
         return (
             f"mask_std {setting['mask_std']:g}, {'reused' if setting['reused_mask'] else 'fresh'}"
@@ -138,7 +159,8 @@ def _label(setting: dict[str, Any]) -> str:
 
 def _print(console: Console, model: str, results: dict[str, Any], rms: float) -> None:
     table = Table(title=f"bench privacy: {model} (head activation RMS {rms:.3g})")
-    for col in ("attack", "setting", "leakage", "chance", "sentences", "step s", "accuracy"):
+    cols = ("attack", "setting", "leakage", "chance", "sentences / TPR", "step s", "accuracy")
+    for col in cols:
         table.add_column(col, justify="left" if col in ("attack", "setting") else "right")
     for name, rows in results.items():
         for row in rows:
@@ -148,11 +170,18 @@ def _print(console: Console, model: str, results: dict[str, Any], rms: float) ->
                 _label(row["setting"]),
                 f"{row['leakage']:.1%}",
                 f"{row['chance']:.1%}",
-                f"{row['sentences']:.1%}" if "sentences" in row else "",
+                f"{row['sentences']:.1%}" if "sentences" in row else _mia_extra(row),
                 f"{cost['step_s']:.2f}" if "step_s" in cost else "",
                 f"{cost['accuracy']:.3f}" if "accuracy" in cost else "",
             )
     Console(file=console.file, width=max(console.width, 150)).print(table)
+
+
+def _mia_extra(row: dict[str, Any]) -> str:
+    if "tpr_at_1pct_fpr" not in row:
+        return ""
+    eps = f", eps {row['epsilon']:.2f}" if row.get("epsilon") is not None else ""
+    return f"TPR@1% {row['tpr_at_1pct_fpr']:.2f}{eps}"
 
 
 def _plots(results: dict[str, Any], folder: Path) -> dict[str, str]:
@@ -165,6 +194,9 @@ def _plots(results: dict[str, Any], folder: Path) -> dict[str, str]:
     folder.mkdir(parents=True, exist_ok=True)
     written = {}
     for name, rows in results.items():
+        if name == "federated-mia":
+            written[name] = _mia_plot(rows, folder / f"{name}.png", plt)
+            continue
         timed = [r for r in rows if "step_s" in r["cost"]]
         if not timed:
             continue
@@ -188,3 +220,22 @@ def _plots(results: dict[str, Any], folder: Path) -> dict[str, str]:
         plt.close(fig)
         written[name] = str(path)
     return written
+
+
+def _mia_plot(rows: list[dict[str, Any]], path: Path, plt: Any) -> str:
+    """Membership AUC against the global model's test loss (the accuracy cost of DP)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for r in rows:
+        x = r["cost"].get("test_loss") or 0.0
+        ax.scatter(x, r["leakage"], color="tab:red")
+        ax.annotate(_label(r["setting"]), (x, r["leakage"]), fontsize=7)
+    ax.axhline(0.5, ls="--", color="grey", label="chance")
+    ax.set_xlabel("test loss of the global adapter after the round")
+    ax.set_ylabel("membership AUC (LiRA)")
+    ax.set_ylim(0.3, 1.02)
+    ax.legend(loc="lower right", fontsize=7)
+    fig.suptitle("federated-mia: leakage vs cost")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
