@@ -5,7 +5,9 @@ with ``--quick``, SmolLM2-135M otherwise. For each attack, rows of ``{"setting",
 "chance", "cost"}``: the attack on the default split (``head_layers`` 1, no noise, float32), then
 on each defence (more head layers, noise, a narrower wire dtype, a trained head adapter, the trunk
 in the enclave; for the gradient side more tail layers and noise). The cost of a setting comes from
-the same run: step time, and for the settings trained ``ACCURACY_STEPS`` steps, the test accuracy.
+the same run: step time, and for the settings trained ``ACCURACY_STEPS`` steps, the test accuracy (for
+the adapter in the TEE: the enclave's step time and its adapter's difference from the plain
+trainer's after ``TEE_STEPS`` steps; for federated membership: the global adapter's test loss).
 Noise levels are multiples of the RMS of the default run's head activations, measured in this run.
 One PNG per attack (leakage against step time, and against accuracy where measured) goes to
 ``$SILOTUNE_BENCH_OUT`` (default ``./bench-out``)``/privacy``. A table, then one JSON line.
@@ -27,10 +29,12 @@ from silotune.attacks.observe import SplitObservation, observe_split
 from silotune.attacks.run import AttackCache, run_attack
 from silotune.attacks.tee_masks import tee_job, tee_leakage
 from silotune.config import JobConfig, config_from_dict
+from silotune.enclave.adapter_runner import compare_with_plain
 
 log = logging.getLogger(__name__)
 
-NOISE_FACTORS = (0.25, 1.0, 4.0)  # noise_sigma as multiples of the head activations' RMS
+NOISE_FACTORS = (0.25, 1.0, 4.0)
+TEE_STEPS = 5  # adapter-in-TEE steps compared with the plain trainer for the masks' cost  # noise_sigma as multiples of the head activations' RMS
 
 
 def _grid(quick: bool) -> dict[str, Any]:
@@ -58,6 +62,23 @@ def _job(grid: dict[str, Any], **split: Any) -> JobConfig:
             "split": {"silos": 1, "timeout_s": 900, "head_layers": 1, "tail_layers": 1, **split},
         }
     )
+
+
+def _tee_rows(grid: dict[str, Any], console: Console) -> list[dict[str, Any]]:
+    """Adapter in the TEE: fresh vs reused masks at two mask_std; the fresh masks' cost."""
+    rows: list[dict[str, Any]] = []
+    tee = tee_job(_job({**grid, "model": grid["tee_model"], "max_length": 64}))
+    for mask_std in (1.0, 1e4):
+        job = {**tee, "enclave": {**tee.get("enclave", {}), "mask_std": mask_std}}
+        compared = compare_with_plain(job, TEE_STEPS, in_process=True)  # the fresh masks' cost
+        cost = {"step_s": compared["enclave_step_s"], "plain_step_s": compared["plain_step_s"],
+                "adapter_max_abs_diff": compared["max_abs_diff"]}  # fmt: skip
+        for reuse in (False, True):
+            console.log(f"privacy bench: tee-masks mask_std {mask_std} reused {reuse}")
+            row = tee_leakage(tee, mask_std, reuse)
+            setting = {"model": grid["tee_model"], "mask_std": mask_std, "reused_mask": reuse}
+            rows.append({"setting": setting, **row, "cost": {} if reuse else cost})
+    return rows
 
 
 def _mia_job(grid: dict[str, Any]) -> JobConfig:
@@ -117,13 +138,7 @@ def run(quick: bool, console: Console) -> dict[str, Any]:
         attack(("split-labels",), _job(grid, tail_layers=t))
     attack(("split-ciphertext",), _job(grid, trunk_in_enclave=True))
     # Adapter in the TEE (tiny-llama: the masked path runs every frozen matmul through the REE).
-    tee = tee_job(_job({**grid, "model": grid["tee_model"], "max_length": 64}))
-    for mask_std in (1.0, 1e4):
-        for reuse in (False, True):
-            console.log(f"privacy bench: tee-masks mask_std {mask_std} reused {reuse}")
-            row = tee_leakage(tee, mask_std, reuse)
-            setting = {"model": grid["tee_model"], "mask_std": mask_std, "reused_mask": reuse}
-            results["tee-masks"].append({"setting": setting, **row, "cost": {}})
+    results["tee-masks"] = _tee_rows(grid, console)
     # Federated membership inference (tiny-llama: one round of every setting plus 16 shadows).
     console.log("privacy bench: federated-mia")
     results["federated-mia"] = run_mia(_mia_job(grid), MIA_SETTINGS)["rows"]
@@ -201,8 +216,10 @@ def _plots(results: dict[str, Any], folder: Path) -> dict[str, str]:
         if not timed:
             continue
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        for ax, key, xlabel in ((axes[0], "step_s", "step time (s)"),
-                                (axes[1], "accuracy", "test accuracy")):  # fmt: skip
+        second = ("accuracy", "test accuracy")
+        if not any("accuracy" in r["cost"] for r in timed):
+            second = ("adapter_max_abs_diff", "adapter max abs diff vs plain")
+        for ax, key, xlabel in ((axes[0], "step_s", "step time (s)"), (axes[1], *second)):
             points = [r for r in timed if key in r["cost"]]
             for r in points:
                 ax.scatter(r["cost"][key], r["leakage"], color="tab:red")
