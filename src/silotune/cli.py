@@ -1,4 +1,4 @@
-"""The `silotune` command line: train, eval, demo, data, models, config, bench."""
+"""The `silotune` command line: train, eval, demo, data, models, config, bench, attack."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 from silotune import keygen
+from silotune.attacks import cli as attacks_cli
 from silotune.enclave import cli as enclave_cli
 from silotune.errors import SilotuneError
 from silotune.split import cli as split_cli
@@ -207,6 +208,7 @@ app.command()(split_cli.join)
 app.command("keygen")(keygen.keygen)
 enclave_cli.app.command("measure")(split_cli.enclave_measure)
 app.add_typer(enclave_cli.app, name="enclave")
+app.command()(attacks_cli.attack)
 
 
 def _print_scores(split: str, scores: dict[str, float]) -> None:

@@ -62,8 +62,16 @@ def _record_clear(model: torch.nn.Module) -> dict[tuple[str, str], torch.Tensor]
     return clear
 
 
-def step_leakage(cfg_dict: dict[str, Any], mask_std: float) -> dict[str, float]:
-    """Correlation and token-recovery numbers of one training step at ``mask_std`` (see module)."""
+def step_leakage(
+    cfg_dict: dict[str, Any],
+    mask_std: float,
+    keep: dict[tuple[str, str], torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Correlation and token-recovery numbers of one training step at ``mask_std`` (see module).
+
+    ``keep``, if given, receives every tensor the REE was sent (by ocall and layer name), and
+    ``("truth", "input_ids")`` / ``("truth", "attention_mask")`` for scoring further attacks.
+    """
     cfg = config_from_dict(
         cfg_dict, ["adapter.placement=enclave", f"enclave.mask_std={mask_std}", "model.device=cpu"]
     )
@@ -81,6 +89,10 @@ def step_leakage(cfg_dict: dict[str, Any], mask_std: float) -> dict[str, float]:
     batch = enclave.app.stream.micro_batch(0)
     enclave.call("train_step", {"step": 0}, {}, recording_ree)
 
+    if keep is not None:
+        keep.update(received)
+        keep[("truth", "input_ids")] = batch["input_ids"]
+        keep[("truth", "attention_mask")] = batch["attention_mask"]
     corrs = [abs(_corr(clear[key], received[key])) for key in received]
     # The attack: nearest normalised embedding to each received first-block input.
     with torch.no_grad():

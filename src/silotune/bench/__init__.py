@@ -19,11 +19,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "silotune.bench.finetune",
     ),
     "secagg": (
-        "secure aggregation of a 4.2M-parameter LoRA update, 4 silos: plain, masking, ckks, FedShield CKKS",
+        "secure aggregation of a 4.2M-parameter LoRA update, 4 silos: plain, masking, he (BFV), FedShield CKKS",
         "silotune.bench.secagg",
     ),
     "federated": (
-        "federated (none/masking/ckks, IID and Dirichlet) vs centralized accuracy, 3 silos",
+        "federated (none/masking/he, IID and Dirichlet) vs centralized accuracy, 3 silos",
         "silotune.bench.federated",
     ),
     "split": (
@@ -33,6 +33,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "enclave": (
         "simulated enclave: split trunk and adapter-in-TEE cost vs plain; SPF+LoRA vs LoRA accuracy",
         "silotune.bench.enclave",
+    ),
+    "privacy": (
+        "privacy attacks (split inversion and labels, enclave ciphertext, TEE masks) vs defences",
+        "silotune.bench.privacy",
     ),
 }
 

@@ -9,6 +9,7 @@ RNG; written atomically), ``adapter/`` and ``summary.json`` at the end. A restar
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from typing import Any
@@ -119,15 +120,26 @@ class Coordinator:
         d = self.fed.dp
         if not d.enabled:
             return None
+        # Against the coordinator (it draws each round's sample): every round is a release.
         eps, order = dp.gaussian_epsilon(d.noise_multiplier, rounds, d.delta)
-        return {
+        out = {
             "epsilon": eps,
             "delta": d.delta,
             "noise_multiplier": d.noise_multiplier,
             "clip_norm": d.clip_norm,
             "rounds": rounds,
             "rdp_order": order,
+            "accountant": "opacus-rdp",
         }
+        silos = self.fed.silos
+        chosen = min(silos, max(self.fed.min_silos, math.ceil(self.fed.fraction * silos)))
+        if chosen < silos:  # against parties that do not know the sample: amplified
+            rate = chosen / silos
+            out["sample_rate"] = rate
+            out["epsilon_sampled"] = dp.gaussian_epsilon(d.noise_multiplier, rounds, d.delta, rate)[
+                0
+            ]
+        return out
 
     def run(self) -> dict[str, Any]:
         """Run (or resume) every round; returns the summary written to ``summary.json``."""

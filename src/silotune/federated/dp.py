@@ -3,17 +3,17 @@
 Each silo clips its round update to L2 norm ``C`` and adds ``N(0, (sigma * C)^2)`` to every
 coordinate before it leaves the silo, so each released update is a Gaussian mechanism with noise
 multiplier ``sigma`` and sensitivity ``C`` with respect to replacing all of that silo's data
-(silo-level, local DP; secure aggregation only strengthens it). Over ``T`` rounds the Renyi DP of
-the Gaussian mechanism composes additively, ``RDP(alpha) = T * alpha / (2 sigma^2)`` (Mironov 2017,
-Prop. 7 with sensitivity C), and converts to ``epsilon = min_alpha RDP(alpha) + log(1/delta) /
-(alpha - 1)`` (Mironov 2017, Prop. 3). No privacy amplification by silo sampling is claimed, so
-the figure is an upper bound. Google's ``dp-accounting`` (which Flower's ``RdpAccountant`` wraps)
-is not installed here; this closed form is what it computes for this mechanism without sampling.
+(silo-level, local DP; secure aggregation only strengthens it). Epsilon comes from Opacus's RDP
+accountant (``opacus.accountants.analysis.rdp``: the (sub)sampled Gaussian's Renyi DP composed
+over rounds, converted to ``(epsilon, delta)`` with the tighter conversion of Balle et al. 2020).
+Without sampling this is ``RDP(alpha) = T * alpha / (2 sigma^2)`` (Mironov 2017), the closed form
+this module used before (tests/federated/test_dp.py compares the two). Sampling amplification
+(``sample_rate < 1``) holds only against a party that does not know which silos took part in a
+round; the coordinator draws the sample itself, so against it the unsampled figure holds.
 """
 
 from __future__ import annotations
 
-import math
 import secrets
 
 import numpy as np
@@ -61,13 +61,20 @@ def privatize(
     return clipped + gaussian_noise(update.size, noise_multiplier * clip_norm), norm
 
 
-def gaussian_epsilon(noise_multiplier: float, releases: int, delta: float) -> tuple[float, float]:
-    """(epsilon, best RDP order) of `releases` Gaussian releases, no sampling amplification."""
+def gaussian_epsilon(
+    noise_multiplier: float, releases: int, delta: float, sample_rate: float = 1.0
+) -> tuple[float, float]:
+    """(epsilon, best RDP order) of ``releases`` Gaussian releases, each of a silo sampled with
+    probability ``sample_rate`` (1 = every round, no amplification), by Opacus's RDP accountant."""
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
     if releases <= 0:
         return 0.0, float("nan")
-    log_inv_delta = math.log(1.0 / delta)
-    best = min(
-        (releases * a / (2.0 * noise_multiplier**2) + log_inv_delta / (a - 1.0), a)
-        for a in RDP_ORDERS
+    if not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    orders = list(RDP_ORDERS)
+    rdp = compute_rdp(
+        q=sample_rate, noise_multiplier=noise_multiplier, steps=releases, orders=orders
     )
-    return best[0], float(best[1])
+    eps, order = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+    return float(eps), float(order)

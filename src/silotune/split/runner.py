@@ -41,6 +41,7 @@ from silotune.split.keys import (
     load_silo_keys,
     write_job_keys,
 )
+from silotune.split.leakage_notice import leakage_notice
 from silotune.split.parts import (
     ModelHalf,
     PartState,
@@ -276,6 +277,7 @@ def build_service(cfg: JobConfig, identity: Any, enrollment: Any) -> TrunkServic
 def serve(cfg: JobConfig, overwrite: bool = False) -> dict[str, Any]:
     """Run the trunk server at ``split.address`` until every silo has said goodbye."""
     check_split_config(cfg)
+    log.warning("%s", leakage_notice(cfg))
     if cfg.split.trunk_in_enclave:  # the enclave makes its own identity; the host needs none
         enrollment = load_enrollment(cfg.split.keys_dir)
     else:
@@ -375,6 +377,7 @@ def train_split(
 ) -> dict[str, Any]:
     """Run a split job on this machine: coordinator here, one process per silo, gRPC + TLS."""
     check_split_config(cfg)
+    log.warning("%s", leakage_notice(cfg))
     if resume:
         raise ConfigError("--resume is not available in mode split; start the run again")
     prepare_output_dir(cfg, resume=False, overwrite=overwrite)
@@ -496,5 +499,6 @@ def join(
 ) -> dict[str, Any]:
     """``silotune join``: train this silo against ``split.address``; outputs in ``output_dir``."""
     check_split_config(cfg)
+    log.warning("%s", leakage_notice(cfg))
     prepare_output_dir(cfg, resume=False, overwrite=overwrite)
     return run_silo(cfg, silo_name, cfg.output_dir, shard=shard)

@@ -1,0 +1,125 @@
+"""Adapter in the TEE: the REE decodes the enclave's inputs from masked tensors, fresh vs reused masks.
+
+Attacker
+    The REE (the untrusted host that computes the frozen matmuls for the enclave).
+Observes
+    Every tensor the enclave sends it in one training step (``x + s * z`` per frozen linear input
+    and output gradient), recorded at the ocall boundary by
+    :func:`silotune.adapter_tee.masked_leakage.step_leakage`.
+Knows in advance
+    The public base model (embeddings, first block's norm), ``enclave.mask_std``.
+Attacks
+    * ``fresh`` masks (the product): the nearest normalised embedding to each position of the
+      first block's attention input (``masked_leakage``'s own attack, reused here).
+    * ``reused`` mask (a test-only hook, :func:`reused_masks`; the product draws a fresh mask for
+      every tensor and has no setting that reuses one): all tensors of one shape then share ``z``,
+      ``y_i = x_i + s_i z``. The REE takes the top singular vector of the stacked ``y_i`` (the
+      shared mask's direction), projects it out of the first block's input, and decodes the rest
+      to the nearest normalised embedding.
+Metric
+    ``leakage`` = fraction of real tokens decoded right.
+Chance
+    Always guessing the batch's most frequent token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from silotune.adapter_tee.masked_leakage import FIRST_INPUT, step_leakage
+from silotune.adapter_tee.masked_linear import WIRE_DTYPE, LinearOffload
+from silotune.config import JobConfig
+
+__all__ = ["reused_masks", "run_tee", "tee_leakage"]
+
+
+@contextlib.contextmanager
+def reused_masks() -> Iterator[None]:
+    """TEST-ONLY: make every :class:`LinearOffload` reuse one mask per tensor shape.
+
+    This models the known pitfall (a one-time pad used twice) to measure what it would cost; it
+    patches the class only inside the ``with`` block and no config reaches it.
+    """
+    original = LinearOffload._mask
+    drawn: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def reuse(self: LinearOffload, x: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+        shape = tuple(x.shape)
+        if shape not in drawn:
+            scale, z, masked = original(self, x)
+            drawn[shape] = z
+            return scale, z, masked
+        z = drawn[shape]
+        peak = float(x.detach().abs().max()) if x.numel() else 0.0
+        scale = self.mask_std * (peak if 0.0 < peak < float("inf") else 1.0)
+        return scale, z, x.detach().to(WIRE_DTYPE) + scale * z
+
+    LinearOffload._mask = reuse  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        LinearOffload._mask = original  # type: ignore[method-assign]
+
+
+def _strip_shared_mask(received: dict[tuple[str, str], torch.Tensor]) -> torch.Tensor:
+    """The first block's input with the direction shared by all same-shape tensors removed."""
+    first = received[("linear", FIRST_INPUT)]
+    same = [t for k, t in received.items() if k[0] != "truth" and t.shape == first.shape]
+    stacked = torch.stack([t.flatten().double() for t in same])  # (N, D)
+    _, _, vh = torch.linalg.svd(stacked, full_matrices=False)
+    u = vh[0]  # (D,), the shared mask's direction
+    flat = first.flatten().double()
+    return (flat - (flat @ u) * u).reshape(first.shape)
+
+
+def _decode(cfg_dict: dict[str, Any], hidden: torch.Tensor) -> torch.Tensor:
+    from silotune.adapter_tee.runner import load_ree_model
+    from silotune.config import config_from_dict
+
+    ree = load_ree_model(config_from_dict(cfg_dict, ["model.device=cpu"]))
+    with torch.no_grad():
+        base = ree.model.model
+        table = base.layers[0].input_layernorm(base.embed_tokens.weight).double()  # (V, C)
+        scores = hidden @ table.T - 0.5 * (table * table).sum(-1)
+    return scores.argmax(-1)
+
+
+def tee_leakage(cfg_dict: dict[str, Any], mask_std: float, reuse: bool) -> dict[str, float]:
+    """Token recovery by the REE in one step at ``mask_std``, with fresh or reused masks."""
+    received: dict[tuple[str, str], torch.Tensor] = {}
+    if not reuse:
+        row = step_leakage(cfg_dict, mask_std, keep=received)
+        return {"leakage": row["token_recovery"], "chance": row["token_chance"]}
+    with reused_masks():
+        row = step_leakage(cfg_dict, mask_std, keep=received)
+    job = {**cfg_dict, "adapter": {**cfg_dict.get("adapter", {}), "placement": "enclave"}}
+    guess = _decode(job, _strip_shared_mask(received))
+    real = received[("truth", "attention_mask")].bool()
+    tokens = received[("truth", "input_ids")][real]
+    hits = float((guess[real] == tokens).double().mean())
+    chance = Counter(tokens.tolist()).most_common(1)[0][1] / tokens.numel()
+    return {"leakage": hits, "chance": chance, "naive_leakage": row["token_recovery"]}
+
+
+def tee_job(cfg: JobConfig) -> dict[str, Any]:
+    """The centralized adapter-in-TEE job matching ``cfg``'s model, adapter and data."""
+    data = cfg.model_dump(mode="json")
+    keep = ("model", "adapter", "data", "train", "enclave")
+    return {"mode": "centralized", **{k: data[k] for k in keep}}
+
+
+def run_tee(cfg: JobConfig, mask_stds: tuple[float, ...] = (1.0, 1e4)) -> dict[str, Any]:
+    """Result rows for ``silotune attack tee-masks``: fresh and reused masks at each ``mask_std``."""
+    job = tee_job(cfg)
+    rows = []
+    for mask_std in mask_stds:
+        for reuse in (False, True):
+            result = tee_leakage(job, mask_std, reuse)
+            setting = {"model": cfg.model.name, "mask_std": mask_std, "reused_mask": reuse}
+            rows.append({"setting": setting, **result, "cost": {}})
+    return {"rows": rows}
