@@ -208,8 +208,7 @@ class MaskingDriver(Generic[M]):
     def _adverts(self, replies: dict[M, bytes]) -> None:
         def parse(member: M, reply: bytes) -> None:
             reader, _ = wire.unpack(reply, ADVERTISE, f"the advert of silo {member}")
-            what = f"the advert of silo {member}"
-            advert = Advert.read(wire.Reader(_obj(reader.doc.get("advert"), what), what))
+            advert = Advert.read(reader.obj("advert"))
             if advert.sid != self.sid[member]:
                 raise wire.MessageError(
                     f"it signed keys for id {advert.sid}, not {self.sid[member]}"
@@ -359,12 +358,6 @@ class MaskingDriver(Generic[M]):
             {"sender": sender, "recipient": peer, "sealed": statements.digest(sealed)},
             f"its share bundle for silo {peer}",
         )
-
-
-def _obj(value: object, what: str) -> dict[str, object]:
-    if not isinstance(value, dict):
-        raise wire.MessageError(f"{what} lacks an 'advert' object")
-    return value
 
 
 Exchange = Callable[[str, dict[M, bytes]], tuple[dict[M, bytes], dict[M, str]]]

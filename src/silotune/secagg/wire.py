@@ -110,6 +110,13 @@ class Reader:
             raise MessageError(f"{self.what}: field '{key}' lists a silo twice")
         return list(value)
 
+    def obj(self, key: str) -> Reader:
+        """A nested JSON object, read with the same checks."""
+        value = self._get(key)
+        if not isinstance(value, dict):
+            raise self._bad(key, "an object")
+        return Reader(value, f"{self.what}, field '{key}'")
+
     def table(self, key: str) -> dict[int, Reader]:
         """A JSON object keyed by silo id (decimal strings) whose values are objects."""
         value = self._get(key)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -250,14 +249,6 @@ def _recv_any(session: FrameSession, stages: tuple[str, ...], timeout: float) ->
 # --------------------------------------------------------------------------- coordinator
 
 
-@dataclass
-class _Round:
-    """The coordinator's state of one secure-averaging round (shared by the silos' threads)."""
-
-    driver: MaskingDriver[str]
-    members: set[str]
-
-
 class MaskedAveraging:
     """The coordinator's side of secure averaging: routes stages, sums, never sees an adapter.
 
@@ -292,12 +283,14 @@ class MaskedAveraging:
         """
         roster, timeout, step = self.engine.roster, self.engine.roster.timeout, hello.step
         offer = _offer(hello)
-        rnd: _Round | None = roster.gather("secagg.setup", member, offer, self._setup)
-        if rnd is None:
+        driver: MaskingDriver[str] | None = roster.gather(
+            "secagg.setup", member, offer, self._setup
+        )
+        if driver is None:
             _send(session, step, HELLO, meta={"alone": True})
             return
         with roster.cond:
-            first = rnd.driver.messages().get(member)
+            first = driver.messages().get(member)
         if first is None:
             _send(session, step, DROPPED, meta={"reason": "not in the round"})
             return
@@ -305,27 +298,26 @@ class MaskedAveraging:
         for stage in STAGES:
             reply = _blob(_recv(session, stage, timeout))
             with roster.cond:
-                rnd.driver.receive(member, reply)
+                driver.receive(member, reply)
             out = roster.gather(
                 f"secagg.{stage}",
                 member,
                 None,
-                lambda values: self._advance(rnd, values),
-                lambda: set(rnd.driver.active),
+                lambda values: self._advance(driver, values),
+                lambda: set(driver.active),
             )
             if isinstance(out, torch.Tensor):
-                silos = len(rnd.driver.result().contributors)
+                silos = len(driver.result().contributors)
                 _send(session, step, RESULT, meta={"silos": silos}, tensors={"average": out})
                 return
             if out is None:
-                reason = rnd.driver.dropped.get(member, "left out of the round")
+                reason = driver.dropped.get(member, "left out of the round")
                 _send(session, step, DROPPED, meta={"reason": reason[:500]})
                 return
             _send(session, step, STAGES[STAGES.index(stage) + 1], out)
 
-    def _advance(self, rnd: _Round, values: dict[str, Any]) -> dict[str, Any]:
+    def _advance(self, driver: MaskingDriver[str], values: dict[str, Any]) -> dict[str, Any]:
         """The last silo at a stage's rendezvous checks the replies and prepares the next stage."""
-        driver = rnd.driver
         try:
             driver.advance()
         except RoundFailed as exc:
@@ -345,7 +337,7 @@ class MaskedAveraging:
         messages = driver.messages()
         return {m: messages.get(m) for m in values}
 
-    def _setup(self, offers: dict[str, dict[str, Any]]) -> dict[str, _Round | None]:
+    def _setup(self, offers: dict[str, dict[str, Any]]) -> dict[str, MaskingDriver[str] | None]:
         """First rendezvous: fix the roster and the round (or tell a lone silo to skip)."""
         names = sorted(offers)
         if len(names) < MIN_SILOS:
@@ -373,7 +365,7 @@ class MaskedAveraging:
         except RoundFailed as exc:
             raise SplitError(str(exc)) from None
         log.info("Secure averaging round %d: %d silos.", self.rounds, len(names))
-        return dict.fromkeys(names, _Round(driver, set(names)))
+        return dict.fromkeys(names, driver)
 
 
 def _offer(hello: Frame) -> dict[str, Any]:
