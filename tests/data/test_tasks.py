@@ -53,8 +53,13 @@ def test_truncation_keeps_the_template_tail_and_the_label(tok, max_length: int) 
     task = ClassificationTask(tok, LABELS, TEMPLATE, max_length=max_length)
     text = " ".join(f"word{i}" for i in range(200)) + " LASTWORD"
     enc = task.encode({"text": text, "label": "linux"})
-    assert len(enc.input_ids) == max_length
+    # the prompt leaves room for the longest label, whichever label follows it
+    linux = len(task.label_ids[task.labels.index("linux")])
+    assert task.longest_label > linux
+    assert len(enc.input_ids) == max_length - task.longest_label + linux
     assert tok.decode(enc.input_ids).endswith(" LASTWORD\nCategory: linux")
+    longest = task.labels[[len(ids) for ids in task.label_ids].index(task.longest_label)]
+    assert len(task.encode({"text": text, "label": longest}).input_ids) == max_length
     assert enc.labels[-1] != IGNORE_INDEX and enc.labels[0] == IGNORE_INDEX
 
 
@@ -63,7 +68,8 @@ def test_truncation_keeps_a_leading_bos(bos_tok) -> None:
     short = task.encode({"text": "Hi.", "label": "food"})
     assert short.input_ids[0] == bos_tok.bos_token_id
     long = task.encode({"text": "blah " * 100 + "end.", "label": "food"})
-    assert len(long.input_ids) == 20
+    food = len(task.label_ids[task.labels.index("food")])
+    assert len(long.input_ids) == 20 - task.longest_label + food
     assert long.input_ids[0] == bos_tok.bos_token_id
     assert bos_tok.decode(long.input_ids[1:]).endswith("end.\nCategory: food")
 

@@ -15,18 +15,24 @@ from silotune.config import DataConfig, JobConfig
 from silotune.data.registry import load_splits
 from silotune.data.tasks import ClassificationTask, LanguageModelingTask
 from silotune.errors import CheckpointError, ConfigError
-from silotune.eval.evaluate import evaluate
+from silotune.eval.evaluate import evaluate, evaluate_classification
 from silotune.eval.metrics import macro_f1
 from silotune.eval.runner import evaluate_job
 from silotune.models.loading import load_model
 from silotune.models.presets import tiny_llama_tokenizer
+from silotune.models.segments import segment_attention
 
 CPU = torch.device("cpu")
 
 
 class BagOfWordsLM(nn.Module):
     """logits[t] = W[x_t] + sum_{s <= t} U[x_s]: causal, so later tokens and right padding
-    cannot change earlier logits, yet the prediction depends on the whole prompt."""
+    cannot change earlier logits, yet the prediction depends on the whole prompt.
+
+    With a segment mask (one-pass scoring) the sum runs over the tokens that t may attend to: the
+    prompt and its own branch, so packing a wrong branch in would change the scores."""
+
+    accepts_segment_mask = True
 
     def __init__(self, vocab: int, seed: int = 0, scale: float = 3.0) -> None:
         super().__init__()
@@ -37,12 +43,15 @@ class BagOfWordsLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
         self.calls += 1
-        u = self.u[input_ids] * attention_mask.unsqueeze(-1)  # (B, T, V)
-        return SimpleNamespace(logits=self.w[input_ids] + u.cumsum(dim=1))
+        u = self.u[input_ids] * (attention_mask > 0).unsqueeze(-1)  # (B, T, V)
+        visible = segment_attention(attention_mask, torch.float32)[:, 0] == 0  # (B, T, T)
+        return SimpleNamespace(logits=self.w[input_ids] + visible.float() @ u)
 
 
 class FavouriteTokenLM(nn.Module):
     """Puts all probability mass on one token, whatever the input."""
+
+    accepts_segment_mask = True
 
     def __init__(self, vocab: int, token: int) -> None:
         super().__init__()
@@ -76,9 +85,10 @@ def direct_label_logprob(model: nn.Module, ids: list[int], targets: list[int]) -
     return total
 
 
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one_pass", "per_label"])
 @pytest.mark.parametrize("batch_size", [1, 5, 64])
 def test_classification_picks_the_most_likely_label(
-    task: ClassificationTask, examples: list[dict], batch_size: int
+    task: ClassificationTask, examples: list[dict], batch_size: int, one_pass: bool
 ) -> None:
     model = BagOfWordsLM(len(task.tokenizer))
     preds = []
@@ -90,13 +100,17 @@ def test_classification_picks_the_most_likely_label(
     want_acc = sum(p == g for p, g in zip(preds, golds, strict=True)) / len(golds)
 
     model.train()
-    got = evaluate(model, task, examples, batch_size, CPU)
+    got = evaluate_classification(model, task, examples, batch_size, CPU, one_pass=one_pass)
     assert got["accuracy"] == pytest.approx(want_acc)
     assert got["macro_f1"] == pytest.approx(macro_f1(preds, golds, labels=task.labels))
     assert got["examples"] == float(len(examples))
     assert model.training  # the caller's mode is restored
     direct_calls = len(examples) * len(task.labels)
-    assert model.calls - direct_calls <= math.ceil(direct_calls / batch_size)  # batched
+    forwards = model.calls - direct_calls
+    if one_pass:  # one row per example (the labels fit after every prompt in 64 tokens)
+        assert forwards == math.ceil(len(examples) / batch_size)
+    else:
+        assert forwards == math.ceil(direct_calls / batch_size)
 
 
 def test_a_model_that_always_says_linux(task: ClassificationTask, examples: list[dict]) -> None:

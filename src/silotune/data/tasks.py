@@ -51,21 +51,31 @@ class ClassificationTask:
         self.label_ids = [
             list(tokenizer(" " + lab, add_special_tokens=False)["input_ids"]) for lab in labels
         ]
-        longest = max(len(ids) for ids in self.label_ids)
-        if longest >= max_length // 2:
+        self.longest_label = max(len(ids) for ids in self.label_ids)
+        if self.longest_label >= max_length // 2:
             raise DataError(
-                f"a label takes {longest} tokens; data.max_length {max_length} is too short"
+                f"a label takes {self.longest_label} tokens; data.max_length {max_length} is too "
+                "short"
             )
 
-    def _join(self, text: str, label_ids: list[int]) -> Encoded:
+    def prompt_ids(self, text: str) -> list[int]:
+        """The prompt's token ids, cut from the left to leave room for the longest label.
+
+        Every label is trained and scored after this same prompt, so the one-pass scorer
+        (:mod:`silotune.eval.one_pass`) and the per-label one see the same context.
+        """
         prompt = _prompt_ids(self.tokenizer, self.template.format(text=text))
-        room = self.max_length - len(label_ids)  # > max_length // 2, checked in __init__
+        room = self.max_length - self.longest_label  # > max_length // 2, checked in __init__
         if len(prompt) > room:
             special = set(self.tokenizer.all_special_ids)
             lead = 0
             while lead < len(prompt) and lead < room // 2 and prompt[lead] in special:
                 lead += 1
             prompt = prompt[:lead] + prompt[len(prompt) - (room - lead) :]
+        return prompt
+
+    def _join(self, text: str, label_ids: list[int]) -> Encoded:
+        prompt = self.prompt_ids(text)
         return Encoded(prompt + label_ids, [IGNORE_INDEX] * len(prompt) + label_ids)
 
     def encode(self, example: dict) -> Encoded:

@@ -9,6 +9,7 @@ from torch import nn
 
 from silotune.data.tasks import ClassificationTask, Encoded, LanguageModelingTask, collate
 from silotune.eval.metrics import accuracy, macro_f1, mean_rouge_l
+from silotune.eval.one_pass import score_one_pass
 from silotune.progress import ProgressHook
 
 
@@ -55,6 +56,35 @@ def _score_all(
 
 
 @torch.no_grad()
+def label_scores(
+    model: nn.Module,
+    task: ClassificationTask,
+    examples: list[dict],
+    batch_size: int,
+    device: torch.device,
+    on_progress: ProgressHook | None = None,
+    one_pass: bool = True,
+) -> torch.Tensor:
+    """Log-likelihood of each label after each example's prompt, ``(N, K)`` float64."""
+    if one_pass:
+        prompts = [task.prompt_ids(ex["text"]) for ex in examples]
+        return score_one_pass(
+            model,
+            prompts,
+            task.label_ids,
+            task.max_length,
+            batch_size,
+            task.tokenizer.pad_token_id,
+            device,
+            on_progress,
+        )
+    candidates = [c for ex in examples for c in task.candidates(ex)]
+    pad_id = task.tokenizer.pad_token_id
+    flat = _score_all(model, candidates, batch_size, pad_id, device, on_progress)
+    return torch.tensor(flat, dtype=torch.float64).reshape(len(examples), len(task.labels))
+
+
+@torch.no_grad()
 def evaluate_classification(
     model: nn.Module,
     task: ClassificationTask,
@@ -62,17 +92,18 @@ def evaluate_classification(
     batch_size: int,
     device: torch.device,
     on_progress: ProgressHook | None = None,
+    one_pass: bool = True,
 ) -> dict[str, float]:
-    """Predict the label whose tokens are most likely after the prompt; accuracy and macro-F1."""
+    """Predict the label whose tokens are most likely after the prompt; accuracy and macro-F1.
+
+    ``one_pass`` scores every label from one pass over the prompt (:mod:`silotune.eval.one_pass`);
+    ``False`` runs ``prompt + label`` once per label (the reference ``silotune bench eval``
+    compares it with).
+    """
     was_training = model.training
     model.eval()
-    pad_id = task.tokenizer.pad_token_id
-    k = len(task.labels)
-    candidates = [c for ex in examples for c in task.candidates(ex)]
-    scores = _score_all(model, candidates, batch_size, pad_id, device, on_progress)
-    preds = [
-        task.labels[max(range(k), key=lambda j: scores[i * k + j])] for i in range(len(examples))
-    ]
+    scores = label_scores(model, task, examples, batch_size, device, on_progress, one_pass)
+    preds = [task.labels[int(row.argmax())] for row in scores]
     golds = [ex["label"] for ex in examples]
     model.train(was_training)
     return {

@@ -21,6 +21,7 @@ from transformers import DynamicCache, PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from silotune.errors import ModelError
+from silotune.models.segments import is_segmented, segment_attention, segment_positions
 
 __all__ = [
     "DecoderHead",
@@ -56,8 +57,11 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     -------
     torch.Tensor
         ``(B, T)`` long tensor: the index of each real token among the real tokens of its row
-        (0, 1, 2, ...), and 1 at padding (as ``transformers``' ``generate`` does).
+        (0, 1, 2, ...), and 1 at padding (as ``transformers``' ``generate`` does). A segment mask
+        (:mod:`silotune.models.segments`) gives each branch the positions after the prompt.
     """
+    if is_segmented(attention_mask):  # several continuations packed after one prompt
+        return segment_positions(attention_mask)
     mask = attention_mask.long()  # (B, T)
     position_ids = mask.cumsum(-1) - 1  # (B, T)
     return position_ids.masked_fill(mask == 0, 1)
@@ -181,6 +185,20 @@ class SplitPart(nn.Module):
         return cache, torch.cat([prefix_mask, attention_mask], dim=1)  # (B, P + T)
 
 
+    @staticmethod
+    def _segment_mask(
+        hidden_states: torch.Tensor, segments: torch.Tensor, full_mask: torch.Tensor, kind: str
+    ) -> torch.Tensor:
+        """The 4-D mask of a segment mask (``full_mask`` is ``(B, P + T)`` with a prefix)."""
+        if kind != "full_attention":
+            raise ModelError(
+                f"packed continuations (a segment mask) need full attention; this model has "
+                f"'{kind}' layers"
+            )
+        prefix = full_mask.shape[1] - segments.shape[1]
+        return segment_attention(segments, hidden_states.dtype, prefix)  # (B, 1, T, P + T)
+
+
 class _TrunkForward(SplitPart):
     """Forward of a trunk: its blocks only (shared by every architecture)."""
 
@@ -243,7 +261,9 @@ class _DecoderPart(SplitPart):
         position_ids = position_ids_from_mask(attention_mask) + self.position_offset  # (B, T)
         cache, full_mask = self._prefix_cache(prefix, attention_mask)  # full_mask (B, P + T)
         masks = {
-            kind: _MASK_BUILDERS[kind](
+            kind: self._segment_mask(hidden_states, attention_mask, full_mask, kind)
+            if is_segmented(attention_mask)
+            else _MASK_BUILDERS[kind](
                 config=self.config,
                 inputs_embeds=hidden_states,
                 attention_mask=full_mask,
@@ -322,13 +342,17 @@ class _GPT2Part(SplitPart):
             return hidden_states
         position_ids = position_ids_from_mask(attention_mask) + self.position_offset  # (B, T)
         cache, full_mask = self._prefix_cache(prefix, attention_mask)  # full_mask (B, P + T)
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=hidden_states,
-            attention_mask=full_mask,
-            past_key_values=cache,
-            position_ids=position_ids,
-            layer_idx=self.layer_indices[0],
+        causal_mask = (
+            self._segment_mask(hidden_states, attention_mask, full_mask, "full_attention")
+            if is_segmented(attention_mask)
+            else create_causal_mask(
+                config=self.config,
+                inputs_embeds=hidden_states,
+                attention_mask=full_mask,
+                past_key_values=cache,
+                position_ids=position_ids,
+                layer_idx=self.layer_indices[0],
+            )
         )  # (B, 1, T, P + T), or None where sdpa's is_causal suffices
         for block in self.blocks.values():
             hidden_states = block(

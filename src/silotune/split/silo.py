@@ -195,6 +195,10 @@ class SplitSilo(nn.Module):
         The session with the trunk.
     """
 
+    # Evaluation may pass a segment mask (silotune.models.segments): head, trunk and tail each
+    # rebuild the attention from it, so one-pass label scoring works across the split.
+    accepts_segment_mask = True
+
     def __init__(self, head: nn.Module, tail: nn.Module, link: TrunkLink) -> None:
         super().__init__()
         self.head = head

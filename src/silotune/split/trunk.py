@@ -39,6 +39,7 @@ import torch
 
 from silotune.crypto.exceptions import CryptoError
 from silotune.crypto.identity import Enrollment, IdentityKey
+from silotune.models.segments import MAX_SEGMENT
 from silotune.split.engines import TrunkEngine
 from silotune.split.secure_averaging import MaskedAveraging
 from silotune.split.session import FrameSession, SplitError, accept_session
@@ -68,7 +69,11 @@ AVERAGING = ("none", "masking")  # split.secure_averaging
 
 
 def check_activation(frame: Frame, hidden_size: int, max_tokens: int) -> tuple[torch.Tensor, ...]:
-    """Return ``(hidden (B,T,C), mask (B,T))`` of a forward frame, or raise FrameError."""
+    """Return ``(hidden (B,T,C), mask (B,T))`` of a forward frame, or raise FrameError.
+
+    ``mask`` is 0/1 padding in training, a segment mask (:mod:`silotune.models.segments`) in
+    evaluation.
+    """
     if set(frame.tensors) != {"hidden", "mask"}:
         raise FrameError(
             f"a forward frame must carry exactly 'hidden' and 'mask', got {sorted(frame.tensors)}"
@@ -89,8 +94,13 @@ def check_activation(frame: Frame, hidden_size: int, max_tokens: int) -> tuple[t
         raise FrameError(
             f"mask must be int64 ({rows}, {tokens}), got {mask.dtype} {tuple(mask.shape)}"
         )
-    if not bool(((mask == 0) | (mask == 1)).all()) or not bool(mask.any(dim=1).all()):
-        raise FrameError("mask must hold only 0 and 1, with at least one 1 per row")
+    # Evaluation frames may pack several label continuations after one prompt (segment ids
+    # 2.. of silotune.models.segments); training frames carry a plain 0/1 padding mask.
+    top = 1 if frame.meta.get("train", True) else MAX_SEGMENT
+    if not bool(((mask >= 0) & (mask <= top)).all()) or not bool((mask == 1).any(dim=1).all()):
+        raise FrameError(
+            f"mask must hold only 0..{top} (1 for the prompt), with at least one 1 per row"
+        )
     if not bool(torch.isfinite(hidden).all()):
         raise FrameError("hidden holds NaN or infinite values")
     return hidden, mask
