@@ -18,6 +18,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "LoRA fine-tuning vs the untuned model (smollm2-135m on fortunes)",
         "silotune.bench.finetune",
     ),
+    "eval": (
+        "classification evaluation: every label from one pass over the prompt vs one pass per label",
+        "silotune.bench.eval",
+    ),
     "secagg": (
         "secure aggregation of a 4.2M-parameter LoRA update, 4 silos: plain, masking, he (BFV), FedShield CKKS",
         "silotune.bench.secagg",
