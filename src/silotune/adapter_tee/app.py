@@ -104,6 +104,7 @@ def enclave_app_config(cfg: JobConfig) -> dict[str, Any]:
     """
     job = cfg.model_dump(mode="json", include=set(_JOB_SECTIONS))
     job["model"] = {**job["model"], "device": "cpu", "dtype": "float32"}
+    job["train"].pop("threads", None)  # this machine's setting, not the recipe's
     return {
         "job": job,
         "model_sha256": model_digest(cfg.model.name),

@@ -68,6 +68,7 @@ from silotune.train.run_folder import (
     write_summary,
 )
 from silotune.train.schedule import Schedule
+from silotune.train.threads import apply_threads, threads_per_process
 
 __all__ = ["APP", "LocalEnclave", "compare_with_plain", "open_adapter_enclave", "train_in_enclave"]
 
@@ -135,7 +136,9 @@ def open_adapter_enclave(cfg: JobConfig) -> Iterator[SimulatedEnclave]:
         else IdentityKey.generate()
     )
     allowed = cfg.enclave.allowed_measurements or [measure(APP, app_config).hex()]
-    enclave = SimulatedEnclave.start(APP, app_config, key)
+    threads = threads_per_process(cfg, 2)  # the enclave's process and this one
+    apply_threads(threads)
+    enclave = SimulatedEnclave.start(APP, app_config, key, threads=threads)
     try:
         nonce = os.urandom(32)
         verify_quote(enclave.attest(nonce), AttestationPolicy.from_hex(key.public, allowed), nonce)

@@ -105,6 +105,7 @@ def _accuracy(quick: bool, spf: bool, tmp: Path) -> dict[str, float]:
             "lr": 5e-3 if quick else 2e-3,
             "seed": 0,
             "eval_batch_size": 16,
+            "threads": THREADS,
         },
         "output_dir": str(tmp / ("spf-lora" if spf else "lora")),
     }

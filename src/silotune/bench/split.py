@@ -49,6 +49,7 @@ def split_job(quick: bool, silos: int, mode: str, batch: int, steps: int) -> dic
             "lr": 1e-3,
             "eval_every": 10_000,
             "log_every": 10_000,
+            "threads": THREADS,
         },
         "split": {
             "head_layers": 1,

@@ -137,6 +137,12 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, gt=0, description="log training loss every N steps")
     eval_batch_size: int = Field(16, gt=0, description="sequences per evaluation forward pass")
     keep_checkpoints: int = Field(2, gt=0, description="checkpoints kept on disk (newest)")
+    threads: int | None = Field(
+        None,
+        gt=0,
+        description="torch threads per process; None = the cores divided among the processes "
+        "the job runs on this machine (simulated silos, split's coordinator and silos, enclaves)",
+    )
 
 
 class JobConfig(_Strict):

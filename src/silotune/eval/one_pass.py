@@ -131,7 +131,9 @@ def score_one_pass(
             input_ids[i, : len(row.input_ids)] = torch.tensor(row.input_ids)
             segments[i, : len(row.segments)] = torch.tensor(row.segments)
         logits = packed_logits(model, input_ids.to(device), segments.to(device))  # (B, T, V)
-        where = [(i, src, tok, r.example, j) for i, r in enumerate(batch) for src, tok, j in r.targets]
+        where = [
+            (i, src, tok, r.example, j) for i, r in enumerate(batch) for src, tok, j in r.targets
+        ]
         picked = logits[[w[0] for w in where], [w[1] for w in where]].float()  # (N, V)
         tokens = torch.tensor([w[2] for w in where], device=picked.device)
         logp = torch.log_softmax(picked, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

@@ -47,6 +47,7 @@ from silotune.secagg.masking_silo import MaskingSilo
 from silotune.secagg.policy import SiloPolicy
 from silotune.train.job import Job, build_job
 from silotune.train.loop import BatchStream, forward_loss, make_optimizer, train_step
+from silotune.train.threads import apply_threads, cores, threads_per_process
 
 log = logging.getLogger(__name__)
 
@@ -484,6 +485,16 @@ def _trust_from_config(cfg: JobConfig) -> SiloTrust:
     return _TRUST[key]
 
 
+def simulated_workers(cfg: JobConfig) -> int:
+    """Silos that Flower's simulation runs at once on this machine: one per core, at most all."""
+    return max(1, min(cores(), cfg.federation.silos))
+
+
+def silo_threads(cfg: JobConfig) -> int:
+    """Torch threads of a silo: its share of the cores when silos are simulated side by side."""
+    return threads_per_process(cfg, simulated_workers(cfg) if cfg.federation.simulation else 1)
+
+
 def make_client_app(
     cfg: JobConfig | None,
     mods: list[Any] | None = None,
@@ -500,6 +511,7 @@ def make_client_app(
 
         def stage(message: Message, context: Context, action: str = action) -> Message:
             job_cfg = cfg if cfg is not None else node_job_config(context)
+            apply_threads(silo_threads(job_cfg))
             mine = trust[_partition(context)] if trust is not None else _trust_from_config(job_cfg)
             return Message(handle(job_cfg, action, message, context, mine), reply_to=message)
 

@@ -4,7 +4,6 @@ simulation engine (the same ServerApp and ClientApp that run on SuperLink/SuperN
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 from flwr.app import Context
@@ -16,8 +15,9 @@ from silotune.crypto.identity import Enrollment
 from silotune.errors import ConfigError
 from silotune.federated.coordinator import Coordinator
 from silotune.federated.pinning import simulation_trust
-from silotune.federated.silo import make_client_app
+from silotune.federated.silo import make_client_app, simulated_workers
 from silotune.train.run_folder import prepare_output_dir
+from silotune.train.threads import apply_threads, threads_per_process
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,17 @@ def make_server_app(
 
 
 def backend_config(cfg: JobConfig) -> dict[str, Any]:
-    """Ray resources: one CPU per silo worker, as many workers as cores (at most one per silo)."""
+    """Ray resources: one worker slot per silo run at once (:func:`simulated_workers`).
+
+    Each silo then sets its own torch threads (``train.threads``, by default its share of the
+    cores), so the slots count concurrency, not threads.
+    """
     import torch
 
-    cores = max(1, min(os.cpu_count() or 1, cfg.federation.silos))
+    workers = simulated_workers(cfg)
     gpus = 1.0 / cfg.federation.silos if torch.cuda.is_available() else 0.0
     return {
-        "init_args": {"num_cpus": cores, "include_dashboard": False, "log_to_driver": False},
+        "init_args": {"num_cpus": workers, "include_dashboard": False, "log_to_driver": False},
         "client_resources": {"num_cpus": 1, "num_gpus": gpus},
     }
 
@@ -79,6 +83,8 @@ def train_federated_simulation(
     quiet = logging.getLogger("silotune").getEffectiveLevel() > logging.DEBUG
     logging.getLogger("flwr").setLevel(logging.ERROR if quiet else logging.DEBUG)
     prepare_output_dir(cfg, resume, overwrite)
+    # The coordinator evaluates between rounds, while the silos wait: it may use every core.
+    apply_threads(threads_per_process(cfg))
     out: dict[str, Any] = {}
     # Fresh Ed25519 identities per simulated silo: every key is signed and checked.
     trust = simulation_trust(cfg.federation.silos)

@@ -184,7 +184,6 @@ class SplitPart(nn.Module):
         prefix_mask = attention_mask.new_ones(batch_size, prefix_len)  # (B, P)
         return cache, torch.cat([prefix_mask, attention_mask], dim=1)  # (B, P + T)
 
-
     @staticmethod
     def _segment_mask(
         hidden_states: torch.Tensor, segments: torch.Tensor, full_mask: torch.Tensor, kind: str

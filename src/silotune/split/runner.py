@@ -64,6 +64,7 @@ from silotune.train.run_folder import (
     write_summary,
 )
 from silotune.train.schedule import Schedule
+from silotune.train.threads import apply_threads, threads_per_process
 from silotune.transport.grpc_stream import GrpcStreamServer, connect
 from silotune.transport.tls import generate_tls_material, load_tls_material
 
@@ -289,9 +290,13 @@ def serve(cfg: JobConfig, overwrite: bool = False) -> dict[str, Any]:
     tls = load_tls_material(cfg.split.tls_dir, role="server")
     prepare_output_dir(cfg, resume=False, overwrite=overwrite)
     service: Trunk
-    if cfg.split.trunk_in_enclave:
-        service = _start_enclave(cfg, enrollment, load_platform_key(cfg.enclave.platform_key))
+    if cfg.split.trunk_in_enclave:  # the enclave's process and this one share the machine
+        threads = threads_per_process(cfg, 2)
+        apply_threads(threads)
+        platform_key = load_platform_key(cfg.enclave.platform_key)
+        service = _start_enclave(cfg, enrollment, platform_key, threads)
     else:
+        apply_threads(threads_per_process(cfg))
         service = build_service(cfg, identity, enrollment)
     server = GrpcStreamServer(
         service.handle, cfg.split.address, tls=tls, max_connections=cfg.split.silos + 8
@@ -355,7 +360,7 @@ def _silo_process(
     from silotune.config import config_from_dict
 
     warnings.filterwarnings("ignore", category=FutureWarning)
-    torch.set_num_threads(threads)
+    apply_threads(threads)
     out = Path(out_dir)
     try:
         cfg = config_from_dict(cfg_data)
@@ -383,7 +388,8 @@ def train_split(
     prepare_output_dir(cfg, resume=False, overwrite=overwrite)
     out = cfg.output_dir
     names = silo_names(cfg.split.silos)
-    threads = max(1, torch.get_num_threads() // (cfg.split.silos + 1))
+    threads = threads_per_process(cfg, cfg.split.silos + 1)  # coordinator + one per silo
+    apply_threads(threads)
     with tempfile.TemporaryDirectory(prefix="silotune-split-") as tmp:
         keys_dir, tls_dir = Path(tmp) / "keys", Path(tmp) / "tls"
         write_job_keys(keys_dir, names)
@@ -501,4 +507,5 @@ def join(
     check_split_config(cfg)
     log.warning("%s", leakage_notice(cfg))
     prepare_output_dir(cfg, resume=False, overwrite=overwrite)
+    apply_threads(threads_per_process(cfg))
     return run_silo(cfg, silo_name, cfg.output_dir, shard=shard)

@@ -31,7 +31,13 @@ __all__ = ["SEAL_LABEL", "TrunkEnclaveApp", "trunk_app_config"]
 
 SEAL_LABEL = "trunk_adapter"
 _LOCAL_SPLIT_KEYS = ("address", "keys_dir", "tls_dir", "silo_name")  # differ per machine
-_BOOKKEEPING_TRAIN_KEYS = ("eval_every", "log_every", "eval_batch_size", "keep_checkpoints")
+_BOOKKEEPING_TRAIN_KEYS = (
+    "eval_every",
+    "log_every",
+    "eval_batch_size",
+    "keep_checkpoints",
+    "threads",
+)
 
 
 def trunk_app_config(cfg: JobConfig, enrollment: Enrollment) -> dict[str, Any]:
@@ -39,7 +45,7 @@ def trunk_app_config(cfg: JobConfig, enrollment: Enrollment) -> dict[str, Any]:
 
     Machine-local settings (data, output and key folders, addresses, the ``enclave`` section)
     and the silo's bookkeeping (``train.eval_every``, ``log_every``, ``eval_batch_size``,
-    ``keep_checkpoints``) are left out: the trunk does not use them, so a silo that evaluates more
+    ``keep_checkpoints``, ``threads``) are left out: the trunk does not use them, so a silo that evaluates more
     often still computes the coordinator's measurement from the same recipe.
     """
     job = cfg.model_dump(mode="json")

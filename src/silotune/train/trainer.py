@@ -33,6 +33,7 @@ from silotune.train.run_folder import (
     write_summary,
 )
 from silotune.train.schedule import Schedule
+from silotune.train.threads import apply_threads, threads_per_process
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ def train_centralized(
     on resume) inside a fork, so the caller's RNG state is left as it was.
     """
     check_output_dir(cfg, resume, overwrite)
+    apply_threads(threads_per_process(cfg))
     job = build_job(cfg)  # bad model or data fails here, before an old run is replaced
     if not resume:
         reset_output_dir(cfg)
