@@ -52,7 +52,7 @@ def expected_fedavg(cfg: JobConfig, partitions: list[int]) -> np.ndarray:
     global_vec = flatten(job.model)
     total, weight = np.zeros_like(global_vec, dtype=np.float64), 0
     for p in partitions:
-        result, _ = silo.local_round(cfg, p, global_vec, 1, None, None)
+        result, *_ = silo.local_round(cfg, p, global_vec, 1, None, None)
         total += result.examples * result.values.astype(np.float64)
         weight += result.examples
     load_flat(job.model, (global_vec + total / weight).astype(np.float32))
@@ -455,7 +455,7 @@ def test_a_deployed_silo_trains_on_all_of_its_own_data(tmp_path: Path) -> None:
     )
     job = silo.local_job(simulated)
     total = len(job.stream.examples)
-    part, _ = silo.local_round(simulated, 1, flatten(job.model), 1, None, None)
-    everything, _ = silo.local_round(deployed, 1, flatten(job.model), 1, None, None)
+    part, *_ = silo.local_round(simulated, 1, flatten(job.model), 1, None, None)
+    everything, *_ = silo.local_round(deployed, 1, flatten(job.model), 1, None, None)
     assert part.examples < total // 2
     assert everything.examples == total

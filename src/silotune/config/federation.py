@@ -68,6 +68,11 @@ class FederationConfig(_Strict):
     proximal_mu: float = Field(
         0.01, ge=0, description="fedprox: weight mu of the (mu/2)*||w - w_global||^2 term"
     )
+    local_optimizer: Literal["persistent", "fresh"] = Field(
+        "persistent",
+        description="persistent: each silo keeps its AdamW moments and step across rounds; "
+        "fresh: a new AdamW every round",
+    )
     server_lr: float | None = Field(
         None,
         gt=0,

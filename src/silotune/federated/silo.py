@@ -66,6 +66,7 @@ PURPOSE_HE_SECRET = b"he-secret-context"
 _STATE = "silotune"  # ConfigRecord in the node state: keys, masking state
 _PENDING = "silotune.pending"  # ArrayRecord: the update waiting for the masking collect stage
 _RESIDUAL = "silotune.residual"  # ArrayRecord: error-feedback residual
+_OPTIMIZER = "silotune.optimizer"  # ArrayRecord: the silo's AdamW moments and step
 
 
 # ------------------------------------------------------------------------------ local training
@@ -140,6 +141,44 @@ def _prox_loss(anchors: Sequence[torch.Tensor], mu: float) -> Callable[..., torc
     return loss_fn
 
 
+def optimizer_moments(optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter]):
+    """AdamW's state over ``params`` as flat arrays: first and second moments ``(L,)``, step."""
+    m, v, step = [], [], 0.0
+    for p in params:
+        state = optimizer.state.get(p, {})
+        if not state:  # a parameter that never had a gradient
+            m.append(torch.zeros(p.numel()))
+            v.append(torch.zeros(p.numel()))
+            continue
+        m.append(state["exp_avg"].detach().float().reshape(-1).cpu())
+        v.append(state["exp_avg_sq"].detach().float().reshape(-1).cpu())
+        step = max(step, float(state["step"]))
+    return torch.cat(m).numpy(), torch.cat(v).numpy(), step
+
+
+def restore_moments(
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[torch.nn.Parameter],
+    moments: tuple[NDArray[np.float32], NDArray[np.float32], float],
+) -> None:
+    """Put back what :func:`optimizer_moments` took (same parameters, same order)."""
+    m, v, step = moments
+    total = sum(p.numel() for p in params)
+    if m.shape != (total,) or v.shape != (total,):
+        raise FederationError(
+            f"the kept optimizer state holds {m.shape[0]} values; the adapter has {total}"
+        )
+    offset = 0
+    for p in params:
+        n = p.numel()
+        optimizer.state[p] = {
+            "step": torch.tensor(step, dtype=torch.float32),
+            "exp_avg": torch.from_numpy(m[offset : offset + n].copy()).view_as(p).to(p),
+            "exp_avg_sq": torch.from_numpy(v[offset : offset + n].copy()).view_as(p).to(p),
+        }
+        offset += n
+
+
 def local_round(
     cfg: JobConfig,
     partition: int,
@@ -147,16 +186,21 @@ def local_round(
     round_no: int,
     support: NDArray[np.int64] | None,
     residual: NDArray[np.float32] | None,
-) -> tuple[LocalResult, NDArray[np.float32] | None]:
+    moments: tuple[NDArray[np.float32], NDArray[np.float32], float] | None = None,
+) -> tuple[LocalResult, NDArray[np.float32] | None, tuple[NDArray[np.float32], ...]]:
     """Train `local_steps` from the global adapter; return the (DP, sparsified) update.
 
     Batches are those of steps ``(round_no - 1) * local_steps + k`` of this silo's stream, so a
-    restarted job replays exactly the same data. The update is local minus global.
+    restarted job replays exactly the same data. The update is local minus global. ``moments``
+    (``federation.local_optimizer: persistent``) continue this silo's AdamW from its last round;
+    the new ones are returned as the third value.
     """
     job, stream = _stream(cfg, partition)
     fed = cfg.federation
     load_flat(job.model, global_vec)
-    optimizer = make_optimizer(job.model, cfg.train)  # fresh local AdamW every round
+    optimizer = make_optimizer(job.model, cfg.train)
+    if moments is not None:
+        restore_moments(optimizer, trainable(job.model), moments)
     loss_fn = forward_loss
     if fed.strategy == "fedprox" and fed.proximal_mu > 0:
         loss_fn = _prox_loss([p.detach().clone() for p in trainable(job.model)], fed.proximal_mu)
@@ -171,7 +215,7 @@ def local_round(
         update, _ = dp.privatize(update, fed.dp.clip_norm, fed.dp.noise_multiplier)
     values, new_residual = sparsify(update, support, residual)
     result = LocalResult(values, len(stream.examples), float(np.mean(losses)), norm)
-    return result, new_residual
+    return result, new_residual, optimizer_moments(optimizer, trainable(job.model))
 
 
 # ------------------------------------------------------------------------------ node state
@@ -239,12 +283,27 @@ def _train_from(message: Message, context: Context, cfg: JobConfig) -> tuple[Loc
         ):
             raise FederationError("the round's support is not a sorted set of valid indices")
     residual = _residual(context, cfg, global_vec.size)
-    result, new_residual = local_round(
-        cfg, _partition(context), global_vec, round_no, support, residual
+    persistent = cfg.federation.local_optimizer == "persistent"
+    moments = _moments(context) if persistent else None
+    result, new_residual, new_moments = local_round(
+        cfg, _partition(context), global_vec, round_no, support, residual, moments
     )
     if new_residual is not None:
         context.state[_RESIDUAL] = ArrayRecord({"r": to_array(new_residual)})
+    if persistent:
+        m, v, step = new_moments
+        state = {"m": to_array(m), "v": to_array(v), "step": to_array(np.array([step]))}
+        context.state[_OPTIMIZER] = ArrayRecord(state)
     return result, round_no
+
+
+def _moments(context: Context) -> tuple[NDArray[np.float32], NDArray[np.float32], float] | None:
+    """This silo's AdamW state from its previous round, if it trained one in this process."""
+    if _OPTIMIZER not in context.state.array_records:
+        return None
+    record = context.state.array_records[_OPTIMIZER]
+    m, v = record["m"].numpy().astype(np.float32), record["v"].numpy().astype(np.float32)
+    return m, v, float(record["step"].numpy()[0])
 
 
 def _summary(result: LocalResult) -> dict[str, Any]:
