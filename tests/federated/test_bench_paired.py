@@ -1,4 +1,4 @@
-"""`bench federated`'s paired checks: per-round divergence and one set of updates aggregated 3 ways."""
+"""`bench federated`'s paired check: one set of silo updates aggregated 3 ways."""
 
 from __future__ import annotations
 
@@ -27,26 +27,19 @@ def make_cfg(tmp_path: Path, secagg: str) -> JobConfig:
                 "local_steps": 2,
                 "partition": "dirichlet",
                 "secure_aggregation": secagg,
+                "local_optimizer": "fresh",
             },
         }
     )
 
 
-def test_divergence_and_paired_last_round(tmp_path: Path) -> None:
+def test_paired_last_round(tmp_path: Path) -> None:
     runs = {m: make_cfg(tmp_path, m) for m in ("none", "masking")}
     summaries = {m: run_in_process(cfg)[0] for m, cfg in runs.items()}
-    drift = federated_paired.divergence(
-        runs["none"].output_dir, {"masking": runs["masking"].output_dir}, ROUNDS
-    )
-    rows = drift["masking"]
-    assert [r["round"] for r in rows] == [1, 2]
-    # Round 1 starts from the same adapter: the difference is the aggregation's alone.
-    assert 0 < rows[0]["max_abs"] < 1e-7
-    assert rows[0]["rel_l2"] < 1e-5
-
     paired = federated_paired.paired_last_round(runs["none"])
     assert set(paired) == {"none", "masking", "he"}
-    # Recomputing the last round in this process reproduces the plain run's final model.
+    # Recomputing the last round in this process reproduces the plain run's final model
+    # (fresh silo optimizers in the run as in the recomputation).
     assert paired["none"]["accuracy"] == summaries["none"]["test"]["accuracy"]
     assert paired["none"]["max_abs_diff"] == 0.0
     # Within each codec's quantisation step (masking 32-bit, HE two values per BFV slot).
@@ -58,4 +51,4 @@ def test_divergence_and_paired_last_round(tmp_path: Path) -> None:
 def test_paired_check_needs_every_round_kept(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path, "none")
     with pytest.raises(FileNotFoundError, match="keep_checkpoints"):
-        federated_paired.divergence(cfg.output_dir, {"masking": cfg.output_dir}, 1)
+        federated_paired.paired_last_round(cfg)

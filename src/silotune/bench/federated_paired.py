@@ -1,30 +1,21 @@
 """Paired measurements for `bench federated`: what secure aggregation itself does to accuracy.
 
-Independent federated runs are a poor instrument for a 1-point accuracy comparison: a fresh local
-AdamW every round turns a difference of a few 1e-9 in the global adapter (the size of masking's
-fixed-point step and of float32 rounding) into differences of 1e-4 in the next round's silo
-updates, and four rounds later into a different model. Two measurements separate the
-aggregation from that amplification:
-
-* ``divergence``: per round, how far the ``masking`` and ``ckks`` runs' global adapters are from
-  the ``none`` run's (same seed, same data, same silos). Round 1 starts from the same adapter, so
-  its difference is the aggregation error alone; later rounds show how training amplifies it.
-* ``paired_last_round``: from the ``none`` run's global adapter after round R-1, recompute every
-  silo's round-R update once, aggregate those same updates plain, with pairwise masking and with
-  HE, apply each aggregate and evaluate each model on the test split. Any accuracy difference
-  here is caused by secure aggregation and nothing else.
+Independent federated runs differ by training noise as well as by their aggregation: training
+amplifies a difference of a few 1e-9 in the global adapter (the size of masking's fixed-point step
+and of float32 rounding) round after round. ``paired_last_round`` separates the aggregation from
+that: from the ``none`` run's global adapter after round R-1, recompute every silo's round-R update
+once, aggregate those same updates plain, with pairwise masking and with HE, apply each aggregate
+and evaluate each model on the test split. Any accuracy difference here is caused by secure
+aggregation and nothing else.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from numpy.typing import NDArray
-from safetensors.torch import load_file
 
 from silotune.adapters.peft_adapters import read_adapter_dir, set_adapter_state
 from silotune.bench.secagg import masking_round
@@ -48,28 +39,6 @@ def _round_dir(run_dir: Path, round_no: int) -> Path:
     return path
 
 
-def _l2(tensors: list[torch.Tensor]) -> float:
-    return math.sqrt(sum(float((t.double() ** 2).sum()) for t in tensors))
-
-
-def divergence(
-    reference: Path, others: dict[str, Path], rounds: int
-) -> dict[str, list[dict[str, float]]]:
-    """Per round: max |difference| and relative L2 difference of each run's global adapter
-    from the reference run's."""
-    out: dict[str, list[dict[str, float]]] = {name: [] for name in others}
-    for r in range(1, rounds + 1):
-        ref = load_file(str(_round_dir(reference, r) / ADAPTER_FILE))
-        ref_norm = _l2(list(ref.values()))
-        for name, run_dir in others.items():
-            other = load_file(str(_round_dir(run_dir, r) / ADAPTER_FILE))
-            diffs = [(other[k].double() - ref[k].double()) for k in ref]
-            max_abs = max(float(d.abs().max()) for d in diffs)
-            l2 = _l2(diffs)
-            out[name].append({"round": r, "max_abs": max_abs, "rel_l2": l2 / ref_norm})
-    return out
-
-
 def _secure_sums(
     xs: list[NDArray[np.float32]], examples: list[int], clip: float
 ) -> dict[str, NDArray[np.float32]]:
@@ -87,7 +56,10 @@ def paired_last_round(cfg: JobConfig) -> dict[str, dict[str, float]]:
     """Aggregate one set of round-R silo updates three ways; test accuracy of each result.
 
     `cfg` is the finished ``none`` run's config (FedAvg or FedProx, every silo in every round,
-    no pruning or DP), whose output folder holds the round R-1 checkpoint.
+    no pruning or DP), whose output folder holds the round R-1 checkpoint. The silos recompute
+    round R with fresh optimizers (a run's kept AdamW moments are not saved), so with
+    ``local_optimizer: persistent`` the updates are not the run's own round-R updates; they are
+    still one set of updates, aggregated three ways.
     """
     fed = cfg.federation
     if fed.strategy == "fedadam" or fed.fraction < 1 or fed.pruning.enabled or fed.dp.enabled:
