@@ -58,6 +58,7 @@ from silotune.train.run_folder import (
     ADAPTER_DIR,
     CONFIG_FILE,
     METRICS_FILE,
+    SILOS_DIR,
     SUMMARY_FILE,
     MetricsLog,
     prepare_output_dir,
@@ -71,8 +72,6 @@ from silotune.transport.tls import generate_tls_material, load_tls_material
 __all__ = ["build_service", "join", "run_silo", "serve", "train_split"]
 
 log = logging.getLogger(__name__)
-
-SILOS_DIR = "silos"
 
 
 # --------------------------------------------------------------------------- silo
