@@ -122,6 +122,7 @@ def test_split_run_report_draws_one_line_per_silo(tmp_path):
 
 
 def test_a_coordinator_folder_and_a_torn_metrics_line_still_report(tmp_path):
+    """A folder with a summary only (silotune serve), and a crash-torn last metrics line."""
     coordinator = tmp_path / "trunk"
     coordinator.mkdir()
     sessions = [{"silo": "silo-0", "peer": "ipv4:1", "outcome": "refused", "steps": 0,
@@ -136,10 +137,11 @@ def test_a_coordinator_folder_and_a_torn_metrics_line_still_report(tmp_path):
 
     silo = tmp_path / "silo"
     silo.mkdir()
-    lines = [json.dumps({"step": 1, "split": "train", "loss": 2.0}), '{"step": 2, "spl']
-    (silo / "metrics.jsonl").write_text("\n".join(lines))
+    record = {"step": 1, "split": "train", "loss": 2.0, "bytes_sent": 4096}  # adapter-in-TEE
+    (silo / "metrics.jsonl").write_text(json.dumps(record) + '\n{"step": 2, "spl')
     run = load_run(silo)
     assert len(run.records) == 1 and run.skipped_lines == 1
+    assert "enclave" in plot_run(run)["wire"].axes[0].get_title()
     assert "1 unreadable lines skipped" in write_report(silo).html.read_text(encoding="utf-8")
 
 

@@ -10,7 +10,8 @@ with matplotlib's Agg canvas (no display needed):
 * ``scores.png``: validation accuracy, macro-F1 or ROUGE-L against step or round, the test scores
   as points at the end;
 * ``wire.png``: bytes on the wire where the run recorded them (split: sealed frames of a logged
-  step, both ways, per silo; federated: one silo's upload in a round);
+  step, both ways, per silo; federated: one silo's upload in a round; adapter-in-TEE: masked
+  inputs the enclave sent to the REE in a logged step);
 
 and ``report.html``: the plots embedded as base64 PNG, the test scores, the summary, each split
 session, and the run's settings (``config.yaml``) as tables. The page loads nothing from anywhere.
@@ -51,9 +52,10 @@ UNUSED_SECTIONS = {  # config sections a mode never reads: left out of the setti
     "federated": ("split",),
     "split": ("federation",),
 }
-WIRE_KEYS = {  # metrics key -> what the plot says it is
-    "wire_bytes": "sealed frames of the logged step, both ways",
-    "upload_bytes_per_silo": "one silo's upload in the round",
+WIRE_KEYS = {  # metrics key -> the plot's title
+    "wire_bytes": "Bytes on the wire (sealed frames of the logged step, both ways)",
+    "upload_bytes_per_silo": "Bytes on the wire (one silo's upload in the round)",
+    "bytes_sent": "Bytes out of the enclave (masked inputs to the REE in the logged step)",
 }
 
 
@@ -269,13 +271,13 @@ def _scores_figure(run: Run) -> Figure | None:
 
 def _wire_figure(run: Run) -> Figure | None:
     x_key = run.x_key
-    for key, meaning in WIRE_KEYS.items():
+    for key, title in WIRE_KEYS.items():
         series = _series(run.records, "train", key, x_key)
         if not series:
             continue
         peak = max(max(ys) for _, ys in series.values())
         unit, scale = ("MiB", 2**20) if peak >= 2**20 else ("KiB", 2**10)
-        figure, axes = _figure(f"Bytes on the wire ({meaning})", x_key, unit)
+        figure, axes = _figure(title, x_key, unit)
         for silo, (xs, ys) in sorted(series.items()):
             axes.plot(xs, [y / scale for y in ys], marker=".", label=silo or key)
         axes.set_ylim(bottom=0)
