@@ -193,14 +193,16 @@ def _series(
     records: Iterable[dict[str, Any]], split: str, key: str, x_key: str
 ) -> dict[str, tuple[list[float], list[float]]]:
     """``{silo or "": (xs, ys)}`` of ``key`` in ``split`` records, in x order."""
+
+    def x(record: dict[str, Any]) -> float:
+        value = record.get(x_key)
+        return float(value if _is_number(value) else record["step"])
+
     out: dict[str, tuple[list[float], list[float]]] = {}
-    points = sorted(
-        (r for r in records if r.get("split") == split and _is_number(r.get(key))),
-        key=lambda r: float(r.get(x_key, r["step"])),
-    )
-    for record in points:
+    points = [r for r in records if r.get("split") == split and _is_number(r.get(key))]
+    for record in sorted(points, key=x):
         xs, ys = out.setdefault(str(record.get("silo") or ""), ([], []))
-        xs.append(float(record.get(x_key, record["step"])))
+        xs.append(x(record))
         ys.append(float(record[key]))
     return out
 
