@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # Tiny models gain nothing from intra-op threads, and on a busy shared machine OpenMP threads
@@ -106,3 +109,35 @@ def make_job(tmp_path: Path) -> Callable[..., JobConfig]:
         return config_from_dict(data, list(overrides))
 
     return make
+
+
+@pytest.fixture
+def main_in_process(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., subprocess.CompletedProcess[str]]]:
+    """Run `silotune.cli.main` here (cheaper than a process); same result shape as `silotune`."""
+    from silotune.cli import main
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+
+    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+        monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", ["silotune", *args])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as info:
+            main()
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, int(info.value.code or 0), out, err)
+
+    yield run
+    root.handlers[:], _ = saved  # main() installs a rich handler on the root logger
+    root.setLevel(saved[1])
+
+
+def assert_clean_error(result: subprocess.CompletedProcess[str], expected: str) -> None:
+    """The CLI failed as a user should see it: exit 1, no traceback, last line `error: ...`."""
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr + result.stdout
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and expected in last, result.stderr

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -17,9 +15,10 @@ import typer.main
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from silotune.cli import app, main
+from silotune.cli import app
 from silotune.models.loading import load_model
 from silotune.models.presets import PRESETS
+from tests.conftest import assert_clean_error
 
 
 def command_paths() -> list[list[str]]:
@@ -57,35 +56,6 @@ def silotune(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"},
         timeout=300,
     )
-
-
-@pytest.fixture
-def main_in_process(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> Callable[..., subprocess.CompletedProcess[str]]:
-    """Run `silotune.cli.main` here (cheaper than a process); same result shape as `silotune`."""
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-
-    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-        monkeypatch.chdir(cwd)
-        monkeypatch.setattr(sys, "argv", ["silotune", *args])
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as info:
-            main()
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(args, int(info.value.code or 0), out, err)
-
-    yield run
-    root.handlers[:], _ = saved  # main() installs a rich handler on the root logger
-    root.setLevel(saved[1])
-
-
-def assert_clean_error(result: subprocess.CompletedProcess[str], expected: str) -> None:
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr + result.stdout
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and expected in last, result.stderr
 
 
 def test_models_list_names_the_presets(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The `silotune` command line: train, eval, demo, data, models, config, bench, attack."""
+"""The `silotune` command line: train, eval, report, demo, data, models, config, bench, attack."""
 
 from __future__ import annotations
 
@@ -89,6 +89,24 @@ def train(
         else ""
     )
     console.print(f"adapter saved to {summary['adapter']} (PEFT format{extra})")
+    from silotune.train.run_folder import report_hint
+
+    console.print(report_hint(cfg.output_dir), soft_wrap=True)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[
+        Path, typer.Argument(help="A run's output_dir (any mode; a split silo's or coordinator's).")
+    ],
+    out: Annotated[Path | None, typer.Option(help="Write here (default: RUN_DIR/report).")] = None,
+) -> None:
+    """Plot a run's loss, scores and wire bytes; write the PNGs and one self-contained HTML page."""
+    from silotune.report import write_report
+
+    written = write_report(run_dir, out)
+    plots = ", ".join(p.name for p in written.plots) or "no metrics to plot"
+    console.print(f"report written to {written.html} ({plots})", soft_wrap=True)
 
 
 @app.command("eval")

@@ -93,6 +93,10 @@ class TlsMaterialError(SilotuneError):
     """TLS files are missing, unreadable, malformed or do not belong together."""
 
 
+class RunFolderError(SilotuneError):
+    """A folder given as a run's output is not one, or a file in it is unreadable."""
+
+
 class FrameError(SilotuneError, ValueError):
     """A received frame is malformed, oversized or disagrees with its own header."""
 

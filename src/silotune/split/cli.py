@@ -57,6 +57,9 @@ def join(
     shown = ", ".join(f"{k} {v:.4f}" for k, v in summary["test"].items() if k != "examples")
     console.print(f"test: {shown}")
     console.print(f"adapter saved to {summary['adapter']} (PEFT format)")
+    from silotune.train.run_folder import report_hint
+
+    console.print(report_hint(cfg.output_dir), soft_wrap=True)
 
 
 def enclave_measure(

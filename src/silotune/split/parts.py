@@ -14,6 +14,7 @@ coordinator's form a complete PEFT adapter. A prefix adapter is cut by layer ins
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 from collections.abc import Mapping, Sequence
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import PeftModel
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
 
@@ -266,13 +267,55 @@ def save_full_adapter(model: PeftModel, state: Mapping[str, torch.Tensor], out_d
     ``state`` holds the silo's and the coordinator's tensors together; the folder then loads with
     ``PeftModel.from_pretrained(base_model, out_dir)`` on the whole base model. A split prefix
     (``prefix.layers.<i>`` for every layer) is stacked into PEFT's ``prompt_embeddings``.
+
+    Raises
+    ------
+    ModelError
+        Before anything is written, if the tensors are not exactly the adapter ``model``'s config
+        declares (names and shapes): plain PEFT would refuse, or silently load less.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)  # writes adapter_config.json
     if is_prefix_state(state):  # per-layer prefixes of both sides -> PEFT's one embedding
         tensors = {"prompt_embeddings": assemble_prompt_embeddings(state, model)}
     else:
         tensors = {name: t.detach().cpu().contiguous() for name, t in state.items()}
+        _check_lora_tensors(model, tensors, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)  # writes adapter_config.json
     save_file(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     config_path = out_dir / "adapter_config.json"
     json.loads(config_path.read_text(encoding="utf-8"))  # fail here, not at load time
+
+
+def _check_lora_tensors(model: PeftModel, tensors: Mapping[str, torch.Tensor], out: Path) -> None:
+    """Refuse LoRA tensors that differ from those of ``model``'s adapter config on the whole model.
+
+    The whole model is built on the meta device (no memory, no weights): each side of a split
+    holds only some blocks, but the saved adapter must fit all of them.
+    """
+    config = copy.deepcopy(model.peft_config[model.active_adapter])
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        whole = get_peft_model(
+            AutoModelForCausalLM.from_config(copy.deepcopy(model.config)), config
+        )
+    expected = {name: tuple(t.shape) for name, t in get_peft_model_state_dict(whole).items()}
+    problems = []
+    missing = sorted(expected.keys() - tensors.keys())
+    extra = sorted(tensors.keys() - expected.keys())
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) missing, e.g. {missing[0]}")
+    if extra:
+        problems.append(f"{len(extra)} tensor(s) it does not declare, e.g. {extra[0]}")
+    problems += [
+        f"{name} has shape {tuple(tensors[name].shape)} where the config needs {shape}"
+        for name, shape in expected.items()
+        if name in tensors and tuple(tensors[name].shape) != shape
+    ][:1]
+    if problems:
+        rank = getattr(config, "r", "?")
+        raise ModelError(
+            f"refusing to write an adapter to {out} that plain PEFT cannot load: its config "
+            f"declares LoRA rank {rank}, but {'; '.join(problems)} (did the silo and the "
+            "coordinator train with different adapter settings?)"
+        )

@@ -32,6 +32,7 @@ from silotune.data.tasks import ClassificationTask, LanguageModelingTask, make_t
 from silotune.enclave.platform import load_platform_key
 from silotune.errors import ConfigError, SilotuneError
 from silotune.eval.evaluate import evaluate
+from silotune.split.agreement import settings_digest, shared_settings
 from silotune.split.enclave_trunk import EnclaveTrunk
 from silotune.split.engines import Roster, make_engine
 from silotune.split.keys import (
@@ -57,6 +58,7 @@ from silotune.train.run_folder import (
     ADAPTER_DIR,
     CONFIG_FILE,
     METRICS_FILE,
+    SILOS_DIR,
     SUMMARY_FILE,
     MetricsLog,
     prepare_output_dir,
@@ -71,8 +73,6 @@ from silotune.transport.tls import generate_tls_material, load_tls_material
 __all__ = ["build_service", "join", "run_silo", "serve", "train_split"]
 
 log = logging.getLogger(__name__)
-
-SILOS_DIR = "silos"
 
 
 # --------------------------------------------------------------------------- silo
@@ -193,7 +193,8 @@ def _train_silo(
     names = PartState(half.model, [half.parts.head, half.parts.tail])
     averager = make_averager(cfg, link, *averaging)
     examples = len(stream.examples)
-    link.join(examples)
+    settings = shared_settings(cfg, half.model)
+    link.join(examples, settings)  # refused here, before any step, if the settings differ
     optimizer = make_optimizer(model, t)
     optimizer.register_step_pre_hook(link.commit)
     scheduler = make_scheduler(optimizer, t)
@@ -237,6 +238,7 @@ def _train_silo(
         examples=examples,
         wire_bytes=session.stats.total_bytes,
         wire_bytes_per_step=train_bytes / t.max_steps,  # training frames, sealed, both ways
+        settings_digest=settings_digest(settings),
         step_seconds=step_seconds,
         peak_rss_mb=peak_rss_mb(),
     )
@@ -270,6 +272,7 @@ def build_service(cfg: JobConfig, identity: Any, enrollment: Any) -> TrunkServic
         half.hidden_size,
         max_tokens,
         cfg.split.silos,
+        shared_settings(cfg, half.model),
         dtype,
         averaging=cfg.split.secure_averaging,
     )
@@ -309,6 +312,8 @@ def serve(cfg: JobConfig, overwrite: bool = False) -> dict[str, Any]:
         cfg.split.silos,
         ", ".join(enrollment.names()),
     )
+    if isinstance(service, TrunkService):  # an enclave's settings are in its measurement
+        log.info("Silos must join with the same split settings (digest %s).", service.digest[:16])
     clock = time.perf_counter()
     try:
         service.finished.wait()

@@ -22,6 +22,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from silotune.split.agreement import (
+    differences,
+    mismatch_message,
+    read_settings,
+    settings_digest,
+)
 from silotune.split.parts import PartState
 from silotune.split.secure_averaging import MaskingAverager
 from silotune.split.session import FrameSession, SplitError
@@ -150,9 +156,35 @@ class TrunkLink:
         self.step += 1
         self.micro = 0
 
-    def join(self, examples: int) -> None:
-        """Announce this silo: its example count weighs its adapter, and how it averages."""
-        self.session.send(KIND_JOIN, 0, meta={"examples": examples, "averaging": self.averaging})
+    def join(self, examples: int, settings: Mapping[str, Any]) -> None:
+        """Announce this silo and agree on the job's shared settings with the coordinator.
+
+        The ``join`` frame carries the example count (it weighs this silo's adapter), how this
+        silo averages, and its :func:`~silotune.split.agreement.shared_settings` with their digest;
+        the coordinator answers with its own.
+
+        Raises
+        ------
+        SplitError
+            If the settings differ, naming every differing key and both values (the coordinator
+            refuses this silo too).
+        """
+        digest = settings_digest(settings)
+        meta = {
+            "examples": examples,
+            "averaging": self.averaging,
+            "settings": dict(settings),
+            "digest": digest,
+        }
+        self.session.send(KIND_JOIN, 0, meta=meta)
+        theirs = read_settings(self._expect(KIND_JOIN).meta, "coordinator's join")
+        if differences(settings, theirs):
+            raise SplitError(
+                "the coordinator refused this silo at join: its settings differ from the "
+                f"coordinator's: {mismatch_message(settings, theirs)}; set them as the "
+                "coordinator has them"
+            )
+        log.info("Split settings agree with the coordinator's (digest %s).", digest[:16])
 
     def sync(self, state: Mapping[str, torch.Tensor], examples: int) -> dict[str, torch.Tensor]:
         """Send this silo's adapter tensors; return the average over the live silos."""

@@ -6,7 +6,8 @@ then a loop over the silo's frames until ``bye``:
 =========  ====================================  =========================================
 frame in   tensors / meta                        answer
 =========  ====================================  =========================================
-join       meta ``examples``, ``averaging``      (none; waits for ``split.silos`` silos)
+join       meta ``examples``, ``averaging``,     join: meta ``settings``, ``digest`` (this
+           ``settings``, ``digest``              job's); then waits for ``split.silos`` silos
 forward    ``hidden (B,T,C)``, ``mask (B,T)``;   forward ``hidden (B,T,C)``
            meta ``train`` (false = validation)
 backward   ``grad (B,T,C)``; meta ``last``       backward ``grad (B,T,C)``; meta ``trunk_sq``
@@ -20,6 +21,10 @@ bye        (none)                                bye: the trunk adapter
 A frame that fails authentication, replays, arrives out of order or breaks the limits ends that
 silo's session with a clear log line and an ``error`` frame; the other silos' sessions go on, and
 the half-done step of the silo that left never reaches the trunk adapter.
+
+A silo whose shared settings (:mod:`~.agreement`: model, adapter, cut, task, wire dtype,
+averaging, sync cadence) differ from the coordinator's is refused at join, before its first step,
+with one line naming each differing key and both values; the silo compares the answer too.
 
 Every silo of a job averages its adapter the same way, ``none`` (``sync``: in clear to the
 coordinator) or ``masking`` (``secagg``: the coordinator learns only the average), as its ``join``
@@ -40,6 +45,12 @@ import torch
 from silotune.crypto.exceptions import CryptoError
 from silotune.crypto.identity import Enrollment, IdentityKey
 from silotune.models.segments import MAX_SEGMENT
+from silotune.split.agreement import (
+    differences,
+    mismatch_message,
+    read_settings,
+    settings_digest,
+)
 from silotune.split.engines import TrunkEngine
 from silotune.split.secure_averaging import MaskedAveraging
 from silotune.split.session import FrameSession, SplitError, accept_session
@@ -191,6 +202,9 @@ class TrunkService:
         Bounds for received activations.
     expected_silos
         Silos to wait for before the first step (``split.silos``).
+    settings
+        This job's :func:`~silotune.split.agreement.shared_settings`; a silo must join with the
+        same.
     activation_dtype
         Wire dtype of the trunk's outputs and input gradients.
     averaging
@@ -204,6 +218,7 @@ class TrunkService:
     hidden_size: int
     max_tokens: int
     expected_silos: int
+    settings: dict[str, Any]
     activation_dtype: str | None = None
     averaging: str | None = None
     records: list[SessionRecord] = field(default_factory=list)
@@ -215,6 +230,7 @@ class TrunkService:
                 f"averaging must be None or one of {AVERAGING}, got {self.averaging!r}"
             )
         self.secure = MaskedAveraging(self.engine, self.enrollment)
+        self.digest = settings_digest(self.settings)
 
     @property
     def timeout(self) -> float:
@@ -257,6 +273,8 @@ class TrunkService:
             if first.kind != KIND_JOIN:
                 raise FrameError(f"the first frame must be 'join', got '{first.kind}'")
             examples = int(_number(first.meta, "examples", 1, 2**40))
+            if not self._agree_settings(session, record, first):
+                return
             self._agree_averaging(record.silo, first.meta.get("averaging", "none"))
             self.engine.roster.join(record.silo, examples)
             joined = True
@@ -281,6 +299,23 @@ class TrunkService:
                 self.engine.drop(record.silo)
                 self.engine.roster.leave(record.silo)
             self._maybe_finished()
+
+    def _agree_settings(self, session: FrameSession, record: SessionRecord, join: Frame) -> bool:
+        """Answer a join with this job's settings; refuse (False) a silo whose settings differ."""
+        theirs = read_settings(join.meta, "join")
+        answer = {"settings": self.settings, "digest": self.digest}
+        if not differences(theirs, self.settings):
+            session.send(KIND_JOIN, 0, meta=answer)
+            return True
+        record.outcome = "refused"
+        record.detail = (
+            f"refused silo {record.silo!r} at join: its settings differ from this job's: "
+            f"{mismatch_message(theirs, self.settings)}"
+        )
+        log.error("%s", record.detail)
+        session.send(KIND_JOIN, 0, meta=answer)  # the silo compares and names the keys itself
+        session.send_error(record.detail)  # for a silo that does not compare the answer
+        return False
 
     def _agree_averaging(self, silo: str, averaging: Any) -> None:
         """Fix the job's averaging with the first silo; refuse a silo that asks for the other."""

@@ -2,21 +2,25 @@
 
 A run writes to ``output_dir``: ``config.yaml`` (the resolved job), ``metrics.jsonl`` (one JSON
 object per log or evaluation), ``checkpoints/``, ``adapter/`` (PEFT format) and
-``summary.json``. Every mode (centralized, federated, split, adapter-in-TEE) uses this module for
-that contract instead of its own copy.
+``summary.json``; a split run keeps each silo's own outputs in ``silos/<name>/``, and
+``silotune report`` writes ``report/``. Every mode (centralized, federated, split, adapter-in-TEE)
+uses this module for that contract instead of its own copy. It imports no torch, so that readers
+of run folders (``silotune report``) start fast.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from silotune.config import JobConfig, dump_config, load_config
 from silotune.errors import CheckpointError, ConfigError
-from silotune.train.checkpoint import latest_checkpoint
-from silotune.train.loop import StepOutput
+
+if TYPE_CHECKING:
+    from silotune.train.loop import StepOutput
 
 CONFIG_FILE = "config.yaml"
 
@@ -30,7 +34,13 @@ SUMMARY_FILE = "summary.json"
 ADAPTER_DIR = "adapter"
 
 
-RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, ADAPTER_DIR, "checkpoints")
+SILOS_DIR = "silos"  # a split run's per-silo outputs: silos/<name>/
+
+
+REPORT_DIR = "report"  # silotune report's plots and page
+
+
+RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, ADAPTER_DIR, "checkpoints", REPORT_DIR)
 
 
 # Keys that may change between a run and its resumption (they do not change what is computed).
@@ -44,11 +54,12 @@ RESUMABLE_CHANGES = {
 }
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_keys(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections as dotted keys: ``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``."""
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
-        out.update(_flatten(value, name + ".") if isinstance(value, dict) else {name: value})
+        out.update(flatten_keys(value, name + ".") if isinstance(value, dict) else {name: value})
     return out
 
 
@@ -61,10 +72,12 @@ def check_output_dir(cfg: JobConfig, resume: bool, overwrite: bool) -> None:
         raise ConfigError(f"output_dir {out} is a file, not a folder")
     has_run = out.is_dir() and any((out / e).exists() for e in RUN_ENTRIES)
     if resume:
+        from silotune.train.checkpoint import latest_checkpoint
+
         if latest_checkpoint(out) is None:
             raise CheckpointError(f"--resume: {out} holds no checkpoint to resume from")
-        saved = _flatten(load_config(out / CONFIG_FILE).model_dump(mode="json"))
-        now = _flatten(cfg.model_dump(mode="json"))
+        saved = flatten_keys(load_config(out / CONFIG_FILE).model_dump(mode="json"))
+        now = flatten_keys(cfg.model_dump(mode="json"))
         unused = ("federation.", "split.")  # sections a centralized run never reads
         changed = sorted(
             k
@@ -178,6 +191,11 @@ def write_summary(
         summary.update(train_seconds=train_s, test=test, adapter=str(out / ADAPTER_DIR))
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
+
+
+def report_hint(folder: Path) -> str:
+    """Where a run's files are and the command that draws them (printed after a run)."""
+    return f"run folder: {folder}; to plot it: silotune report {shlex.quote(str(folder))}"
 
 
 def format_scores(scores: dict[str, float]) -> str:
