@@ -19,6 +19,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from silotune.bench import finetune
 from silotune.config import config_from_dict
 from silotune.eval.evaluate import label_scores
 from silotune.eval.metrics import accuracy, macro_f1
@@ -29,22 +30,10 @@ CHUNK = 64  # examples per alternation of the two paths
 
 
 def job_dict(quick: bool, output_dir: Path) -> dict[str, Any]:
-    """The model, adapter and data both paths score."""
-    if quick:
-        return {
-            "model": "tiny-llama",
-            "adapter": {"type": "lora", "r": 8},
-            "data": {"dataset": "fortunes-sample", "task": "classification"},
-            "train": {"eval_batch_size": 16},
-            "output_dir": str(output_dir),
-        }
-    return {
-        "model": "smollm2-135m",
-        "adapter": {"type": "lora", "r": 8, "target_modules": ["q_proj", "v_proj"]},
-        "data": {"dataset": "fortunes", "task": "classification", "max_length": 160},
-        "train": {"eval_batch_size": 16},
-        "output_dir": str(output_dir),
-    }
+    """The model, adapter and data both paths score: ``bench finetune``'s."""
+    job = finetune.job_dict(quick, output_dir)
+    job["train"] = {"eval_batch_size": 16}
+    return job
 
 
 def _perturb_adapter(model: torch.nn.Module) -> None:

@@ -184,18 +184,36 @@ class SplitPart(nn.Module):
         prefix_mask = attention_mask.new_ones(batch_size, prefix_len)  # (B, P)
         return cache, torch.cat([prefix_mask, attention_mask], dim=1)  # (B, P + T)
 
-    @staticmethod
-    def _segment_mask(
-        hidden_states: torch.Tensor, segments: torch.Tensor, full_mask: torch.Tensor, kind: str
-    ) -> torch.Tensor:
-        """The 4-D mask of a segment mask (``full_mask`` is ``(B, P + T)`` with a prefix)."""
+    def _attention(
+        self,
+        kind: str,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        full_mask: torch.Tensor,
+        cache: DynamicCache | None,
+        position_ids: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """The 4-D mask of one attention kind, as the Hugging Face model builds it.
+
+        ``full_mask`` is ``(B, P + T)`` with a prefix. A segment mask (packed continuations,
+        :mod:`silotune.models.segments`) gets its own 4-D mask, for full attention only.
+        """
+        if not is_segmented(attention_mask):
+            return _MASK_BUILDERS[kind](
+                config=self.config,
+                inputs_embeds=hidden_states,
+                attention_mask=full_mask,
+                past_key_values=cache,
+                position_ids=position_ids,
+                layer_idx=self.layer_indices[0],
+            )
         if kind != "full_attention":
             raise ModelError(
                 f"packed continuations (a segment mask) need full attention; this model has "
                 f"'{kind}' layers"
             )
-        prefix = full_mask.shape[1] - segments.shape[1]
-        return segment_attention(segments, hidden_states.dtype, prefix)  # (B, 1, T, P + T)
+        prefix = full_mask.shape[1] - attention_mask.shape[1]
+        return segment_attention(attention_mask, hidden_states.dtype, prefix)  # (B, 1, T, P + T)
 
 
 class _TrunkForward(SplitPart):
@@ -260,15 +278,8 @@ class _DecoderPart(SplitPart):
         position_ids = position_ids_from_mask(attention_mask) + self.position_offset  # (B, T)
         cache, full_mask = self._prefix_cache(prefix, attention_mask)  # full_mask (B, P + T)
         masks = {
-            kind: self._segment_mask(hidden_states, attention_mask, full_mask, kind)
-            if is_segmented(attention_mask)
-            else _MASK_BUILDERS[kind](
-                config=self.config,
-                inputs_embeds=hidden_states,
-                attention_mask=full_mask,
-                past_key_values=cache,
-                position_ids=position_ids,
-                layer_idx=self.layer_indices[0],
+            kind: self._attention(
+                kind, hidden_states, attention_mask, full_mask, cache, position_ids
             )
             for kind in set(self.layer_types)
         }  # each (B, 1, T, P + T), or None where sdpa's is_causal suffices
@@ -341,17 +352,8 @@ class _GPT2Part(SplitPart):
             return hidden_states
         position_ids = position_ids_from_mask(attention_mask) + self.position_offset  # (B, T)
         cache, full_mask = self._prefix_cache(prefix, attention_mask)  # full_mask (B, P + T)
-        causal_mask = (
-            self._segment_mask(hidden_states, attention_mask, full_mask, "full_attention")
-            if is_segmented(attention_mask)
-            else create_causal_mask(
-                config=self.config,
-                inputs_embeds=hidden_states,
-                attention_mask=full_mask,
-                past_key_values=cache,
-                position_ids=position_ids,
-                layer_idx=self.layer_indices[0],
-            )
+        causal_mask = self._attention(
+            "full_attention", hidden_states, attention_mask, full_mask, cache, position_ids
         )  # (B, 1, T, P + T), or None where sdpa's is_causal suffices
         for block in self.blocks.values():
             hidden_states = block(
