@@ -13,6 +13,7 @@ from silotune.train.threads import apply_threads, threads_per_process
 
 @pytest.fixture
 def eight_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads_mod, "cores", lambda: 8)
     monkeypatch.setattr("silotune.federated.silo.cores", lambda: 8)
 
@@ -33,6 +34,15 @@ def test_simulated_silos_share_the_cores_and_deployed_ones_take_them(make_job, e
     assert simulated_workers(many) == 8 and silo_threads(many) == 1
     deployed = make_job("mode=federated", "federation.silos=3", "federation.simulation=false")
     assert silo_threads(deployed) == 8
+
+
+def test_omp_num_threads_caps_the_share(make_job, eight_cores, monkeypatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads_per_process(make_job()) == 3
+    assert threads_per_process(make_job(), 4) == 2
+    assert threads_per_process(make_job("train.threads=5")) == 5  # the setting wins
+    monkeypatch.setenv("OMP_NUM_THREADS", "")  # empty or junk: no cap
+    assert threads_per_process(make_job()) == 8
 
 
 def test_threads_must_be_positive(make_job) -> None:

@@ -141,7 +141,8 @@ class TrainConfig(_Strict):
         None,
         gt=0,
         description="torch threads per process; None = the cores divided among the processes "
-        "the job runs on this machine (simulated silos, split's coordinator and silos, enclaves)",
+        "the job runs on this machine (simulated silos, split's coordinator and silos, enclaves), "
+        "at most OMP_NUM_THREADS if set",
     )
 
 

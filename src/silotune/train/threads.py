@@ -3,7 +3,8 @@
 Processes of one job that share a machine (simulated federated silos, split's coordinator and
 silos on one host, an enclave process beside its host) each get an equal share of the cores by
 default: OpenMP pools that together ask for more threads than there are cores fight for them, and
-steps then run 10-100 times slower (docs/federated.md). ``train.threads`` overrides the share.
+steps then run 10-100 times slower (docs/federated.md). An ``OMP_NUM_THREADS`` in the environment
+caps the share (a machine shared with other jobs), and ``train.threads`` overrides both.
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ def cores() -> int:
 
 
 def threads_per_process(cfg: JobConfig, processes: int = 1) -> int:
-    """``train.threads`` if set, else this machine's cores divided among ``processes``."""
+    """``train.threads`` if set, else this machine's cores divided among ``processes``, at most
+    ``OMP_NUM_THREADS`` when the environment sets it."""
     if cfg.train.threads is not None:
         return cfg.train.threads
-    return max(1, cores() // max(1, processes))
+    share = max(1, cores() // max(1, processes))
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    return min(share, int(cap)) if cap.isdigit() and int(cap) > 0 else share
 
 
 def apply_threads(threads: int) -> None:
