@@ -144,6 +144,11 @@ class TrainConfig(_Strict):
         "the job runs on this machine (simulated silos, split's coordinator and silos, enclaves), "
         "at most OMP_NUM_THREADS if set",
     )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute each decoder block's activations in backward instead of keeping "
+        "them: less memory for long sequences, about one more forward of compute",
+    )
 
 
 class JobConfig(_Strict):
@@ -171,6 +176,22 @@ class JobConfig(_Strict):
     def _targets_only_for_lora(self) -> JobConfig:
         if self.adapter.type == "prefix" and self.adapter.target_modules is not None:
             raise ValueError("adapter.target_modules applies to type lora only")
+        return self
+
+    @model_validator(mode="after")
+    def _checkpointing_combinations(self) -> JobConfig:
+        if not self.train.gradient_checkpointing:
+            return self
+        if self.adapter.placement == "enclave":
+            raise ValueError(
+                "train.gradient_checkpointing does not work with adapter.placement enclave: "
+                "recomputing a block would ask the REE for a second product under the same mask"
+            )
+        if self.adapter.type == "prefix":
+            raise ValueError(
+                "train.gradient_checkpointing does not work with prefix adapters (PEFT refuses "
+                "it: the checkpointed blocks would drop the prefix); use adapter.type lora"
+            )
         return self
 
     @model_validator(mode="after")

@@ -143,6 +143,17 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", seed: int =
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, device=dev)
 
 
+def set_gradient_checkpointing(model: PreTrainedModel, enabled: bool) -> None:
+    """Recompute each decoder block's activations in backward instead of keeping them.
+
+    Uses PyTorch's non-reentrant checkpointing, which needs no gradient on the (frozen) inputs, so
+    adapters train as they do without it. A no-op when ``enabled`` is false.
+    """
+    if enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False  # training keeps no cache; saves transformers' warning
+
+
 def export_model(name: str, out_dir: Path, seed: int = 0) -> Path:
     """Write a preset (or folder) as a standard HF folder that `from_pretrained` loads."""
     if out_dir.exists() and not out_dir.is_dir():

@@ -35,6 +35,7 @@ from silotune.models.loading import (
     load_model,
     resolve_device,
     resolve_dtype,
+    set_gradient_checkpointing,
 )
 from silotune.models.presets import smollm2_folder
 from silotune.models.slicing import SplitPart, SplitParts, split_model
@@ -233,6 +234,7 @@ def build_half(cfg: JobConfig, side: str) -> ModelHalf:
         loaded = _load_silo_lean(cfg, folder)
     else:
         loaded = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype, seed=cfg.train.seed)
+    set_gradient_checkpointing(loaded.model, cfg.train.gradient_checkpointing)
     model = attach_adapter(loaded.model, cfg.adapter, seed=cfg.train.seed)
     parts = split_model(model, cfg.split.head_layers, cfg.split.tail_layers)
     if side == "silo":

@@ -11,7 +11,7 @@ from silotune.adapters.peft_adapters import attach_adapter
 from silotune.config import JobConfig
 from silotune.data.registry import DatasetSplits, load_splits
 from silotune.data.tasks import ClassificationTask, LanguageModelingTask, make_task
-from silotune.models.loading import load_model
+from silotune.models.loading import load_model, set_gradient_checkpointing
 from silotune.train.loop import BatchStream
 
 
@@ -34,6 +34,7 @@ def build_job(cfg: JobConfig) -> Job:
     task = make_task(
         loaded.tokenizer, cfg.data.task, splits.labels, splits.prompt_template, cfg.data.max_length
     )
+    set_gradient_checkpointing(loaded.model, cfg.train.gradient_checkpointing)
     model = attach_adapter(loaded.model, cfg.adapter, seed=cfg.train.seed)
     encoded = [task.encode(ex) for ex in splits.train]
     stream = BatchStream(
