@@ -143,3 +143,14 @@ def assert_peft_adapter(folder: Path) -> None:
     base = load_model("tiny-llama", "cpu", "float32").model
     model = PeftModel.from_pretrained(base, folder)
     assert any("lora_A" in name for name, _ in model.named_parameters())
+
+
+def assert_serves_tls(host: str, port: int, ca: Path) -> None:
+    """The port completes a TLS handshake whose certificate chains to `ca` and names `host`."""
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(ca))
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    with socket.create_connection((host, port), timeout=30) as raw:
+        with context.wrap_socket(raw, server_hostname=host) as tls:
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")

@@ -12,6 +12,7 @@ from tests.deploy.steps import (
     REPO,
     Processes,
     assert_peft_adapter,
+    assert_serves_tls,
     environment,
     exported,
     free_port,
@@ -34,6 +35,12 @@ def test_commands_file_names_every_step() -> None:
     assert '>> "$FLWR_HOME/config.toml"' in steps["connection"]  # appends, never overwrites
 
 
+def test_docs_show_these_exact_commands() -> None:
+    doc = (REPO / "docs/federated.md").read_text(encoding="utf-8")
+    for name, text in read_steps(DEPLOY / "commands.sh").items():
+        assert text in doc, f"docs/federated.md lacks step {name} of deploy/federated/commands.sh"
+
+
 @pytest.mark.slow
 def test_federated_deployment_from_deploy_folder(tmp_path: Path) -> None:
     for yaml in DEPLOY.glob("*.yaml"):
@@ -52,6 +59,7 @@ def test_federated_deployment_from_deploy_folder(tmp_path: Path) -> None:
         assert procs.run("keygen", steps["keygen"], 120).returncode == 0, procs.log("keygen")
         superlink = procs.start("superlink", steps["superlink"])
         wait_for_port("127.0.0.1", port, superlink, 120)
+        assert_serves_tls("127.0.0.1", port, tmp_path / "keys" / "silo-0" / "ca.pem")
         assert procs.run("connection", steps["connection"], 30).returncode == 0
         # Before registration the check names the missing piece, in one line, and fails.
         early = procs.run("check-early", steps["check-0"], 120)
