@@ -7,13 +7,16 @@ variables the ``settings`` step exports, and a SuperNode's ``--port``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import silotune
@@ -154,3 +157,20 @@ def assert_serves_tls(host: str, port: int, ca: Path) -> None:
     with socket.create_connection((host, port), timeout=30) as raw:
         with context.wrap_socket(raw, server_hostname=host) as tls:
             assert tls.version() in ("TLSv1.2", "TLSv1.3")
+
+
+@contextlib.contextmanager
+def deployment(
+    mode: str, folder: Path, variables: dict[str, str]
+) -> Iterator[tuple[dict[str, str], Processes]]:
+    """deploy/<mode>'s YAMLs copied into `folder`, its steps, and the processes to run them in;
+    on leaving, every started process group is stopped by its PID and checked to be gone."""
+    for yaml in (REPO / "deploy" / mode).glob("*.yaml"):
+        shutil.copy(yaml, folder)
+    procs = Processes(folder, environment(variables))
+    try:
+        yield read_steps(REPO / "deploy" / mode / "commands.sh"), procs
+    finally:
+        procs.stop_all()
+    for name, proc in procs.started.items():
+        assert proc.poll() is not None, f"{name} still runs"
