@@ -19,6 +19,7 @@ from silotune import keygen
 from silotune.attacks import cli as attacks_cli
 from silotune.enclave import cli as enclave_cli
 from silotune.errors import SilotuneError
+from silotune.federated import cli as federated_cli
 from silotune.split import cli as split_cli
 
 app = typer.Typer(
@@ -227,6 +228,7 @@ app.command("keygen")(keygen.keygen)
 enclave_cli.app.command("measure")(split_cli.enclave_measure)
 app.add_typer(enclave_cli.app, name="enclave")
 app.command()(attacks_cli.attack)
+app.add_typer(federated_cli.app, name="federate")
 
 
 def _print_scores(split: str, scores: dict[str, float]) -> None:

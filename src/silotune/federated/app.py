@@ -3,7 +3,8 @@
 The coordinator reads the job config from the run config key ``config`` (an absolute YAML path on
 the SuperLink's machine; ``resume = true`` continues an interrupted job); each silo reads its own
 from its node config (``--node-config "partition-id=0 config='/path/silo.yaml'"``), falling back
-to the run config. The packaging is `flower/pyproject.toml`; see docs/federated.md.
+to the run config. The packaging is `flower_app/pyproject.toml`, shipped in the package:
+`flwr run "$(silotune federate app)" ...` needs no checkout; see deploy/federated and docs/federated.md.
 """
 
 from __future__ import annotations
