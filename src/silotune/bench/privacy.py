@@ -25,16 +25,19 @@ from rich.console import Console
 from rich.table import Table
 
 from silotune.adapter_tee.runner import compare_with_plain
+from silotune.attacks import format_leakage
 from silotune.attacks.federated_mia import MIA_SETTINGS, run_mia
 from silotune.attacks.observe import SplitObservation, observe_split
 from silotune.attacks.run import AttackCache, run_attack
 from silotune.attacks.tee_masks import tee_job, tee_leakage
+from silotune.attacks.tee_weights import weight_row
 from silotune.config import JobConfig, config_from_dict
 
 log = logging.getLogger(__name__)
 
-NOISE_FACTORS = (0.25, 1.0, 4.0)
-TEE_STEPS = 5  # adapter-in-TEE steps compared with the plain trainer for the masks' cost  # noise_sigma as multiples of the head activations' RMS
+NOISE_FACTORS = (0.25, 1.0, 4.0)  # noise_sigma as multiples of the head activations' RMS
+TEE_STEPS = 5  # adapter-in-TEE steps compared with the plain trainer for the masks' cost
+WEAK_MASK_STDS = (1e-3, 0.1)  # fresh-mask stds below the tested ones, for tee-weights only
 
 
 def _grid(quick: bool) -> dict[str, Any]:
@@ -64,20 +67,27 @@ def _job(grid: dict[str, Any], **split: Any) -> JobConfig:
     )
 
 
-def _tee_rows(grid: dict[str, Any], console: Console) -> list[dict[str, Any]]:
-    """Adapter in the TEE: fresh vs reused masks at two mask_std; the fresh masks' cost."""
-    rows: list[dict[str, Any]] = []
-    tee = tee_job(_job({**grid, "model": grid["tee_model"], "max_length": 64}))
+def _tee_rows(grid: dict[str, Any], console: Console) -> dict[str, list[dict[str, Any]]]:
+    """Adapter in the TEE: tokens and LoRA weights, fresh vs reused masks; the fresh masks' cost."""
+    rows: dict[str, list[dict[str, Any]]] = {"tee-masks": [], "tee-weights": []}
+    model = grid["tee_model"]
+    tee = tee_job(_job({**grid, "model": model, "max_length": 64}))
     for mask_std in (1.0, 1e4):
         job = {**tee, "enclave": {**tee.get("enclave", {}), "mask_std": mask_std}}
         compared = compare_with_plain(job, TEE_STEPS, in_process=True)  # the fresh masks' cost
         cost = {"step_s": compared["enclave_step_s"], "plain_step_s": compared["plain_step_s"],
                 "adapter_max_abs_diff": compared["max_abs_diff"]}  # fmt: skip
         for reuse in (False, True):
-            console.log(f"privacy bench: tee-masks mask_std {mask_std} reused {reuse}")
+            console.log(f"privacy bench: tee-masks, tee-weights mask_std {mask_std} reused {reuse}")
             row = tee_leakage(tee, mask_std, reuse)
-            setting = {"model": grid["tee_model"], "mask_std": mask_std, "reused_mask": reuse}
-            rows.append({"setting": setting, **row, "cost": {} if reuse else cost})
+            setting = {"model": model, "mask_std": mask_std, "reused_mask": reuse}
+            rows["tee-masks"].append({"setting": setting, **row, "cost": {} if reuse else cost})
+            weights = weight_row(tee, model, mask_std, reuse)
+            weights["cost"] = {**weights["cost"], **({} if reuse else cost)}
+            rows["tee-weights"].append(weights)
+    for mask_std in WEAK_MASK_STDS:  # where fresh masks stop hiding the weights
+        console.log(f"privacy bench: tee-weights mask_std {mask_std} fresh")
+        rows["tee-weights"].append(weight_row(tee, model, mask_std, False))
     return rows
 
 
@@ -107,7 +117,7 @@ def run(quick: bool, console: Console) -> dict[str, Any]:
     steps = grid["accuracy_steps"]
     results: dict[str, list[dict[str, Any]]] = {
         "split-nearest": [], "split-learned": [], "split-ciphertext": [], "split-labels": [],
-        "tee-masks": [], "federated-mia": [],
+        "tee-masks": [], "tee-weights": [], "federated-mia": [],
     }  # fmt: skip
 
     def attack(names: tuple[str, ...], cfg: JobConfig, trained: int = 0, evals: int = 0) -> None:
@@ -138,7 +148,7 @@ def run(quick: bool, console: Console) -> dict[str, Any]:
         attack(("split-labels",), _job(grid, tail_layers=t))
     attack(("split-ciphertext",), _job(grid, trunk_in_enclave=True))
     # Adapter in the TEE (tiny-llama: the masked path runs every frozen matmul through the REE).
-    results["tee-masks"] = _tee_rows(grid, console)
+    results.update(_tee_rows(grid, console))
     # Federated membership inference (tiny-llama: one round of every setting plus 16 shadows).
     console.log("privacy bench: federated-mia")
     results["federated-mia"] = run_mia(_mia_job(grid), MIA_SETTINGS)["rows"]
@@ -174,7 +184,7 @@ def _label(setting: dict[str, Any]) -> str:
 
 def _print(console: Console, model: str, results: dict[str, Any], rms: float) -> None:
     table = Table(title=f"bench privacy: {model} (head activation RMS {rms:.3g})")
-    cols = ("attack", "setting", "leakage", "chance", "sentences / TPR", "step s", "accuracy")
+    cols = ("attack", "setting", "leakage", "chance", "detail", "step s", "accuracy")
     for col in cols:
         table.add_column(col, justify="left" if col in ("attack", "setting") else "right")
     for name, rows in results.items():
@@ -183,16 +193,21 @@ def _print(console: Console, model: str, results: dict[str, Any], rms: float) ->
             table.add_row(
                 name,
                 _label(row["setting"]),
-                f"{row['leakage']:.1%}",
-                f"{row['chance']:.1%}",
-                f"{row['sentences']:.1%}" if "sentences" in row else _mia_extra(row),
+                format_leakage(name, row["leakage"]),
+                format_leakage(name, row["chance"]),
+                _detail(row),
                 f"{cost['step_s']:.2f}" if "step_s" in cost else "",
                 f"{cost['accuracy']:.3f}" if "accuracy" in cost else "",
             )
     Console(file=console.file, width=max(console.width, 150)).print(table)
 
 
-def _mia_extra(row: dict[str, Any]) -> str:
+def _detail(row: dict[str, Any]) -> str:
+    """The attack's second number: exact sentences, TPR at 1% FPR, or cosine per LoRA target."""
+    if "sentences" in row:
+        return f"sentences {row['sentences']:.1%}"
+    if "by_target" in row:
+        return ", ".join(f"{t} {v['cosine']:.2f}" for t, v in row["by_target"].items())
     if "tpr_at_1pct_fpr" not in row:
         return ""
     eps = f", eps {row['epsilon']:.2f}" if row.get("epsilon") is not None else ""
