@@ -8,6 +8,8 @@ in the enclave; for the gradient side more tail layers and noise). The cost of a
 the same run: step time, and for the settings trained ``ACCURACY_STEPS`` steps, the test accuracy (for
 the adapter in the TEE: the enclave's step time and its adapter's difference from the plain
 trainer's after ``TEE_STEPS`` steps; for federated membership: the global adapter's test loss).
+The adapter-in-TEE attacks run on tiny-llama in both variants; federated membership inference
+on tiny-llama with ``--quick`` and on a shorter SmolLM2 recipe otherwise (``MIA_SMOLLM2``).
 Noise levels are multiples of the RMS of the default run's head activations, measured in this run.
 One PNG per attack (leakage against step time, and against accuracy where measured) goes to
 ``$SILOTUNE_BENCH_OUT`` (default ``./bench-out``)``/privacy``. A table, then one JSON line.
@@ -26,7 +28,7 @@ from rich.table import Table
 
 from silotune.adapter_tee.runner import compare_with_plain
 from silotune.attacks import format_leakage
-from silotune.attacks.federated_mia import MIA_SETTINGS, run_mia
+from silotune.attacks.federated_mia import MIA_SETTINGS, MIA_SETTINGS_SHORT, run_mia
 from silotune.attacks.observe import SplitObservation, observe_split
 from silotune.attacks.run import AttackCache, run_attack
 from silotune.attacks.tee_masks import tee_job, tee_leakage
@@ -40,12 +42,23 @@ TEE_STEPS = 5  # adapter-in-TEE steps compared with the plain trainer for the ma
 WEAK_MASK_STDS = (1e-3, 0.1)  # fresh-mask stds below the tested ones, for tee-weights only
 
 
+# Federated membership inference: tiny-llama (quick) and a shorter SmolLM2 recipe (full) that fits
+# in about 20 minutes on one thread (shorter texts, fewer steps, members and held-out texts, and
+# the settings of MIA_SETTINGS_SHORT), instead of about an hour for the tiny recipe on SmolLM2.
+MIA_TINY = {"model": "tiny-llama", "max_length": 64, "local_steps": 30, "members": 100,
+            "held_out": None, "settings": MIA_SETTINGS}  # fmt: skip
+MIA_SMOLLM2 = {"model": "smollm2-135m", "max_length": 32, "local_steps": 16, "members": 64,
+               "held_out": 96, "settings": MIA_SETTINGS_SHORT}  # fmt: skip
+
+
 def _grid(quick: bool) -> dict[str, Any]:
     if quick:
         return {"model": "tiny-llama", "max_length": 64, "accuracy_steps": 20, "eval": 40,
-                "inverter_steps": 150, "inverter_texts": 600, "tee_model": "tiny-llama"}  # fmt: skip
+                "inverter_steps": 150, "inverter_texts": 600, "tee_model": "tiny-llama",
+                "mia": MIA_TINY}  # fmt: skip
     return {"model": "smollm2-135m", "max_length": 128, "accuracy_steps": 30, "eval": 80,
-            "inverter_steps": 200, "inverter_texts": 1000, "tee_model": "tiny-llama"}  # fmt: skip
+            "inverter_steps": 200, "inverter_texts": 1000, "tee_model": "tiny-llama",
+            "mia": MIA_SMOLLM2}  # fmt: skip
 
 
 def _job(grid: dict[str, Any], **split: Any) -> JobConfig:
@@ -91,17 +104,25 @@ def _tee_rows(grid: dict[str, Any], console: Console) -> dict[str, list[dict[str
     return rows
 
 
-def _mia_job(grid: dict[str, Any]) -> JobConfig:
-    return config_from_dict(
+def _mia_rows(mia: dict[str, Any]) -> list[dict[str, Any]]:
+    """One federated round per setting of ``mia``, 4 shadows; the rows of ``run_mia``."""
+    job = config_from_dict(
         {
             "mode": "federated",
-            "model": grid["tee_model"],
+            "model": mia["model"],
             "adapter": {"type": "lora", "r": 8},
-            "data": {"dataset": "fortunes-sample", "task": "lm", "max_length": 64},
+            "data": {"dataset": "fortunes-sample", "task": "lm", "max_length": mia["max_length"]},
             "train": {"batch_size": 8, "lr": 5e-3, "eval_batch_size": 32},
-            "federation": {"silos": 4, "rounds": 1, "local_steps": 30, "min_silos": 2},
+            "federation": {"silos": 4, "rounds": 1, "local_steps": mia["local_steps"],
+                           "min_silos": 2},
         }
-    )
+    )  # fmt: skip
+    rows: list[dict[str, Any]] = run_mia(
+        job, mia["settings"], members=mia["members"], held_out=mia["held_out"]
+    )["rows"]
+    for row in rows:
+        row["setting"] = {"model": mia["model"], **row["setting"]}
+    return rows
 
 
 def _rms(obs: SplitObservation) -> float:
@@ -149,9 +170,9 @@ def run(quick: bool, console: Console) -> dict[str, Any]:
     attack(("split-ciphertext",), _job(grid, trunk_in_enclave=True))
     # Adapter in the TEE (tiny-llama: the masked path runs every frozen matmul through the REE).
     results.update(_tee_rows(grid, console))
-    # Federated membership inference (tiny-llama: one round of every setting plus 16 shadows).
-    console.log("privacy bench: federated-mia")
-    results["federated-mia"] = run_mia(_mia_job(grid), MIA_SETTINGS)["rows"]
+    # Federated membership inference: one round of every setting plus 16 shadow trainings.
+    console.log(f"privacy bench: federated-mia ({grid['mia']['model']})")
+    results["federated-mia"] = _mia_rows(grid["mia"])
     _print(console, grid["model"], results, rms)
     plots = _plots(results, Path(os.environ.get("SILOTUNE_BENCH_OUT", "bench-out")) / "privacy")
     return {"bench": "privacy", "model": grid["model"], "activation_rms": rms,
@@ -227,6 +248,9 @@ def _plots(results: dict[str, Any], folder: Path) -> dict[str, str]:
         if name == "federated-mia":
             written[name] = _mia_plot(rows, folder / f"{name}.png", plt)
             continue
+        if name == "tee-weights":
+            written[name] = _mask_plot(rows, folder / f"{name}.png", plt)
+            continue
         timed = [r for r in rows if "step_s" in r["cost"]]
         if not timed:
             continue
@@ -252,6 +276,32 @@ def _plots(results: dict[str, Any], folder: Path) -> dict[str, str]:
         plt.close(fig)
         written[name] = str(path)
     return written
+
+
+def _mask_plot(rows: list[dict[str, Any]], path: Path, plt: Any) -> str:
+    """Weight recovery against ``enclave.mask_std``, fresh vs reused masks; step time where measured."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for reuse, color in ((False, "tab:blue"), (True, "tab:red")):
+        points = sorted((r for r in rows if r["setting"]["reused_mask"] == reuse),
+                        key=lambda r: r["setting"]["mask_std"])  # fmt: skip
+        xs = [r["setting"]["mask_std"] for r in points]
+        ax.plot(xs, [r["leakage"] for r in points], "o-", color=color,
+                label="one reused mask (test-only hook)" if reuse else "fresh masks (the product)")  # fmt: skip
+        for r in points:
+            if "step_s" in r["cost"]:
+                note = f"{r['cost']['step_s']:.2f} s/step (plain {r['cost']['plain_step_s']:.2f})"
+                ax.annotate(note, (r["setting"]["mask_std"], r["leakage"]), fontsize=7)
+    ax.axhline(max(r["chance"] for r in rows), ls="--", color="grey", label="chance")
+    ax.set_xscale("log")
+    ax.set_xlabel("enclave.mask_std")
+    ax.set_ylabel("cosine, recovered vs true LoRA delta")
+    ax.set_ylim(-0.05, 1.02)
+    ax.legend(loc="center right", fontsize=7)
+    fig.suptitle("tee-weights: leakage vs mask_std (and step time)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
 
 
 def _mia_plot(rows: list[dict[str, Any]], path: Path, plt: Any) -> str:
