@@ -269,12 +269,7 @@ def _plots(results: dict[str, Any], folder: Path) -> dict[str, str]:
             ax.set_xlabel(xlabel)
             ax.set_ylabel("leakage")
             ax.set_ylim(-0.02, 1.02)
-        fig.suptitle(f"{name}: leakage vs cost")
-        fig.tight_layout()
-        path = folder / f"{name}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written[name] = str(path)
+        written[name] = _save(fig, folder / f"{name}.png", f"{name}: leakage vs cost", plt)
     return written
 
 
@@ -297,7 +292,11 @@ def _mask_plot(rows: list[dict[str, Any]], path: Path, plt: Any) -> str:
     ax.set_ylabel("cosine, recovered vs true LoRA delta")
     ax.set_ylim(-0.05, 1.02)
     ax.legend(loc="center right", fontsize=7)
-    fig.suptitle("tee-weights: leakage vs mask_std (and step time)")
+    return _save(fig, path, "tee-weights: leakage vs mask_std (and step time)", plt)
+
+
+def _save(fig: Any, path: Path, title: str, plt: Any) -> str:
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -316,8 +315,4 @@ def _mia_plot(rows: list[dict[str, Any]], path: Path, plt: Any) -> str:
     ax.set_ylabel("membership AUC (LiRA)")
     ax.set_ylim(0.3, 1.02)
     ax.legend(loc="lower right", fontsize=7)
-    fig.suptitle("federated-mia: leakage vs cost")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return _save(fig, path, "federated-mia: leakage vs cost", plt)
