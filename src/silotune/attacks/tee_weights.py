@@ -21,7 +21,9 @@ Attack
        mask leaves the later blocks' RMSNorm outputs (the inputs of ``q_proj``, ``gate_proj``,
        ``lm_head``) at unit RMS. Received minus decoded is then the mask itself, times the first
        tensor's scale, and every tensor of that shape is unmasked by subtracting its own multiple
-       of it (the multiple is the tensor's projection on the mask).
+       of it (the multiple is the tensor's projection on the mask). That also removes the
+       tensor's own component along the mask (one scalar per tensor): restored from unit RMS for
+       norm outputs, fitted with the weights for ``o_proj``'s input.
     3. *Weight fit, per block.* ``v_proj``'s LoRA delta reaches ``o_proj``'s input linearly,
        ``a_j = P_j h (W_v + dW_v)^T`` for head ``j`` (``P_j`` the attention, ``h`` the block's
        normalised input): least squares for ``dW_v`` with ``P_j`` computed by the public block
@@ -59,6 +61,7 @@ from silotune.adapter_tee.masked_leakage import (
     FIRST_INPUT,
     StepView,
     first_input_table,
+    nearest_rows,
     record_steps,
     token_scores,
 )
@@ -153,8 +156,7 @@ def unmask(
     y0 = inputs[FIRST_INPUT]
     u = _shared_direction([t for t in received.values() if t.shape == y0.shape])
     if u is None:  # fresh masks: nothing to strip
-        scores = y0 @ table.T - 0.5 * (table * table).sum(-1)
-        return inputs, scores.argmax(-1), None
+        return inputs, nearest_rows(y0, table), None
     flat = y0.flatten()
     stripped = (flat - (flat @ u) * u).reshape(y0.shape)
     scores = stripped @ table.T - 0.5 * (table * table).sum(-1)  # (B, T, V)
