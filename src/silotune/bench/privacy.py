@@ -42,9 +42,10 @@ TEE_STEPS = 5  # adapter-in-TEE steps compared with the plain trainer for the ma
 WEAK_MASK_STDS = (1e-3, 0.1)  # fresh-mask stds below the tested ones, for tee-weights only
 
 
-# Federated membership inference: tiny-llama (quick) and a shorter SmolLM2 recipe (full) that fits
-# in about 20 minutes on one thread (shorter texts, fewer steps, members and held-out texts, and
-# the settings of MIA_SETTINGS_SHORT), instead of about an hour for the tiny recipe on SmolLM2.
+# Federated membership inference: tiny-llama (quick) and a shorter SmolLM2 recipe (full): shorter
+# texts, fewer steps, members and held-out texts, and the settings of MIA_SETTINGS_SHORT. It took
+# 28 minutes on one core of the shared build machine under load, where the tiny recipe on SmolLM2
+# would take about an hour.
 MIA_TINY = {"model": "tiny-llama", "max_length": 64, "local_steps": 30, "members": 100,
             "held_out": None, "settings": MIA_SETTINGS}  # fmt: skip
 MIA_SMOLLM2 = {"model": "smollm2-135m", "max_length": 32, "local_steps": 16, "members": 64,
