@@ -23,6 +23,7 @@ import math
 import statistics
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,9 +31,19 @@ import torch
 from silotune.adapter_tee.app import enclave_app_config
 from silotune.adapter_tee.masked_linear import FrozenLinearServer, OutsourcedLinear, from_wire
 from silotune.adapter_tee.runner import LocalEnclave, compare_with_plain, load_ree_model
+from silotune.adapters.peft_adapters import adapter_state
 from silotune.config import config_from_dict
+from silotune.models.loading import LoadedModel
 
-__all__ = ["measure_leakage", "step_leakage"]
+__all__ = [
+    "StepView",
+    "first_input_table",
+    "measure_leakage",
+    "nearest_rows",
+    "record_steps",
+    "step_leakage",
+    "token_scores",
+]
 
 Tensors = dict[str, torch.Tensor]
 FIRST_INPUT = "model.layers.0.self_attn.q_proj"
@@ -62,49 +73,89 @@ def _record_clear(model: torch.nn.Module) -> dict[tuple[str, str], torch.Tensor]
     return clear
 
 
-def step_leakage(
+@dataclass
+class StepView:
+    """One training step as the REE saw it, and the truth kept beside it only for scoring.
+
+    ``received``: every tensor the REE was sent, by (ocall, layer name); ``clear``: the clear
+    tensor each one masked (if asked for); ``batch``: the step's batch; ``adapter``: the enclave's
+    adapter tensors (PEFT names) during this step's forward, before its update.
+    """
+
+    received: dict[tuple[str, str], torch.Tensor]
+    clear: dict[tuple[str, str], torch.Tensor]
+    batch: dict[str, torch.Tensor]
+    adapter: dict[str, torch.Tensor]
+
+
+def record_steps(
     cfg_dict: dict[str, Any],
     mask_std: float,
-    keep: dict[tuple[str, str], torch.Tensor] | None = None,
-) -> dict[str, float]:
-    """Correlation and token-recovery numbers of one training step at ``mask_std`` (see module).
+    steps: int,
+    record_from: int = 0,
+    keep_clear: bool = False,
+) -> tuple[list[StepView], LoadedModel]:
+    """Run ``steps`` training steps of the adapter app in process with a recording REE.
 
-    ``keep``, if given, receives every tensor the REE was sent (by ocall and layer name), and
-    ``("truth", "input_ids")`` / ``("truth", "attention_mask")`` for scoring further attacks.
+    Returns the :class:`StepView` of every step from ``record_from`` on, and the REE's own frozen
+    model (what it holds in advance). ``train.max_steps`` is raised to ``steps`` if lower.
     """
-    cfg = config_from_dict(
-        cfg_dict, ["adapter.placement=enclave", f"enclave.mask_std={mask_std}", "model.device=cpu"]
-    )
+    overrides = ["adapter.placement=enclave", f"enclave.mask_std={mask_std}", "model.device=cpu"]
+    cfg = config_from_dict(cfg_dict, overrides)
+    if cfg.train.max_steps < steps:
+        cfg = config_from_dict(cfg_dict, [*overrides, f"train.max_steps={steps}"])
     ree = load_ree_model(cfg)
     server = FrozenLinearServer.from_model(ree.model)
     enclave = LocalEnclave(enclave_app_config(cfg))
-    received: dict[tuple[str, str], torch.Tensor] = {}
+    clear = _record_clear(enclave.app.model) if keep_clear else {}
+    views = []
+    for step in range(steps):
+        received: dict[tuple[str, str], torch.Tensor] = {}
 
-    def recording_ree(method: str, meta: dict[str, Any], tensors: Tensors) -> tuple[Any, Tensors]:
-        for tensor in tensors.values():
-            received[(method, str(meta["name"]))] = from_wire(tensor).clone()
-        return server(method, meta, tensors)
+        def recording_ree(
+            method: str, meta: dict[str, Any], tensors: Tensors, received: Any = received
+        ) -> tuple[Any, Tensors]:
+            for tensor in tensors.values():
+                received[(method, str(meta["name"]))] = from_wire(tensor).clone()
+            return server(method, meta, tensors)
 
-    clear = _record_clear(enclave.app.model)
-    batch = enclave.app.stream.micro_batch(0)
-    enclave.call("train_step", {"step": 0}, {}, recording_ree)
+        adapter = adapter_state(enclave.app.model) if step >= record_from else {}
+        batch = enclave.app.stream.micro_batch(step)
+        enclave.call("train_step", {"step": step}, {}, recording_ree)
+        if step >= record_from:
+            views.append(StepView(received, dict(clear), batch, adapter))
+    return views, ree
 
-    if keep is not None:
-        keep.update(received)
-        keep[("truth", "input_ids")] = batch["input_ids"]
-        keep[("truth", "attention_mask")] = batch["attention_mask"]
-    corrs = [abs(_corr(clear[key], received[key])) for key in received]
-    # The attack: nearest normalised embedding to each received first-block input.
+
+def first_input_table(model: torch.nn.Module) -> torch.Tensor:
+    """``RMSNorm(embedding)`` of every vocabulary entry: the first block's possible inputs (V, C)."""
     with torch.no_grad():
-        base = ree.model.model
-        table = base.layers[0].input_layernorm(base.embed_tokens.weight).double()  # (V, C)
-        seen = received[("linear", FIRST_INPUT)]  # (B, T, C)
-        scores = seen @ table.T - 0.5 * (table * table).sum(-1)  # argmax = nearest entry
-        guess = scores.argmax(-1)
+        base = model.model
+        return base.layers[0].input_layernorm(base.embed_tokens.weight).double()
+
+
+def nearest_rows(seen: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Index of the ``table`` row nearest to each vector of ``seen`` (..., C) -> (...)."""
+    scores = seen.double() @ table.T - 0.5 * (table * table).sum(-1)  # argmax = nearest entry
+    return scores.argmax(-1)
+
+
+def token_scores(guess: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """(fraction of real tokens guessed right, always guessing the most frequent token)."""
     real = batch["attention_mask"].bool()
     tokens = batch["input_ids"][real]
     hits = float((guess[real] == tokens).double().mean())
-    chance = Counter(tokens.tolist()).most_common(1)[0][1] / tokens.numel()
+    return hits, Counter(tokens.tolist()).most_common(1)[0][1] / tokens.numel()
+
+
+def step_leakage(cfg_dict: dict[str, Any], mask_std: float) -> dict[str, float]:
+    """Correlation and token-recovery numbers of one training step at ``mask_std`` (see module)."""
+    (view,), ree = record_steps(cfg_dict, mask_std, 1, keep_clear=True)
+    received, batch = view.received, view.batch
+    corrs = [abs(_corr(view.clear[key], received[key])) for key in received]
+    # The attack: nearest normalised embedding to each received first-block input.
+    guess = nearest_rows(received[("linear", FIRST_INPUT)], first_input_table(ree.model))
+    hits, chance = token_scores(guess, batch)
     return {
         "mask_std": mask_std,
         "tensors": len(corrs),

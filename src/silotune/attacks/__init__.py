@@ -15,5 +15,14 @@ ATTACKS: dict[str, str] = {
     "split-labels": "coordinator infers class labels from the tail's gradients (public tail)",
     "split-ciphertext": "enclave host runs the nearest-row attack on the ciphertext it relays",
     "tee-masks": "adapter-in-TEE REE decodes tokens from masked inputs, fresh vs reused masks",
+    "tee-weights": "adapter-in-TEE REE recovers the LoRA weights (cosine), fresh vs reused masks",
     "federated-mia": "coordinator tells a silo's training texts from held-out ones (loss, LiRA)",
 }
+
+# Attacks whose leakage is a score, not a rate (printed as a number rather than a percentage).
+SCORES = {"tee-weights": "cosine", "federated-mia": "AUC"}
+
+
+def format_leakage(name: str, value: float) -> str:
+    """``value`` as its attack reports it: a percentage, or a score such as a cosine or AUC."""
+    return f"{value:.3f}" if name in SCORES else f"{value:.1%}"

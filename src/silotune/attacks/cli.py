@@ -31,7 +31,7 @@ def attack(
     """Run a privacy attack against a job's settings: leakage, chance, cost (one JSON line)."""
     import torch
 
-    from silotune.attacks import ATTACKS
+    from silotune.attacks import ATTACKS, format_leakage
     from silotune.attacks.run import run_attack
     from silotune.config import load_config
 
@@ -53,7 +53,6 @@ def attack(
     result = run_attack(name, cfg, trained_steps=trained_steps, adapter=adapter)
     rows = result["rows"] if "rows" in result else [result]
     for row in rows:
-        typer.echo(
-            f"{name}: leakage {row['leakage']:.1%} (chance {row['chance']:.1%}) at {row['setting']}"
-        )
+        leakage, chance = format_leakage(name, row["leakage"]), format_leakage(name, row["chance"])
+        typer.echo(f"{name}: leakage {leakage} (chance {chance}) at {row['setting']}")
     typer.echo(json.dumps({"attack": name, "results": rows}))

@@ -112,6 +112,10 @@ def run_attack(
         from silotune.attacks.tee_masks import run_tee
 
         return run_tee(cfg)
+    if name == "tee-weights":
+        from silotune.attacks.tee_weights import run_tee_weights
+
+        return run_tee_weights(cfg)
     if name == "federated-mia":
         from silotune.attacks.federated_mia import MIA_SETTINGS, run_mia
 

@@ -5,7 +5,7 @@ Attacker
 Observes
     Every tensor the enclave sends it in one training step (``x + s * z`` per frozen linear input
     and output gradient), recorded at the ocall boundary by
-    :func:`silotune.adapter_tee.masked_leakage.step_leakage`.
+    :func:`silotune.adapter_tee.masked_leakage.record_steps`.
 Knows in advance
     The public base model (embeddings, first block's norm), ``enclave.mask_std``.
 Attacks
@@ -25,13 +25,19 @@ Chance
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from silotune.adapter_tee.masked_leakage import FIRST_INPUT, step_leakage
+from silotune.adapter_tee.masked_leakage import (
+    FIRST_INPUT,
+    first_input_table,
+    nearest_rows,
+    record_steps,
+    step_leakage,
+    token_scores,
+)
 from silotune.adapter_tee.masked_linear import WIRE_DTYPE, LinearOffload
 from silotune.config import JobConfig
 
@@ -69,7 +75,7 @@ def reused_masks() -> Iterator[None]:
 def _strip_shared_mask(received: dict[tuple[str, str], torch.Tensor]) -> torch.Tensor:
     """The first block's input with the direction shared by all same-shape tensors removed."""
     first = received[("linear", FIRST_INPUT)]
-    same = [t for k, t in received.items() if k[0] != "truth" and t.shape == first.shape]
+    same = [t for t in received.values() if t.shape == first.shape]
     stacked = torch.stack([t.flatten().double() for t in same])  # (N, D)
     _, _, vh = torch.linalg.svd(stacked, full_matrices=False)
     u = vh[0]  # (D,), the shared mask's direction
@@ -77,33 +83,19 @@ def _strip_shared_mask(received: dict[tuple[str, str], torch.Tensor]) -> torch.T
     return (flat - (flat @ u) * u).reshape(first.shape)
 
 
-def _decode(cfg_dict: dict[str, Any], hidden: torch.Tensor) -> torch.Tensor:
-    from silotune.adapter_tee.runner import load_ree_model
-    from silotune.config import config_from_dict
-
-    ree = load_ree_model(config_from_dict(cfg_dict, ["model.device=cpu"]))
-    with torch.no_grad():
-        base = ree.model.model
-        table = base.layers[0].input_layernorm(base.embed_tokens.weight).double()  # (V, C)
-        scores = hidden @ table.T - 0.5 * (table * table).sum(-1)
-    return scores.argmax(-1)
-
-
 def tee_leakage(cfg_dict: dict[str, Any], mask_std: float, reuse: bool) -> dict[str, float]:
     """Token recovery by the REE in one step at ``mask_std``, with fresh or reused masks."""
-    received: dict[tuple[str, str], torch.Tensor] = {}
     if not reuse:
-        row = step_leakage(cfg_dict, mask_std, keep=received)
+        row = step_leakage(cfg_dict, mask_std)
         return {"leakage": row["token_recovery"], "chance": row["token_chance"]}
     with reused_masks():
-        row = step_leakage(cfg_dict, mask_std, keep=received)
-    job = {**cfg_dict, "adapter": {**cfg_dict.get("adapter", {}), "placement": "enclave"}}
-    guess = _decode(job, _strip_shared_mask(received))
-    real = received[("truth", "attention_mask")].bool()
-    tokens = received[("truth", "input_ids")][real]
-    hits = float((guess[real] == tokens).double().mean())
-    chance = Counter(tokens.tolist()).most_common(1)[0][1] / tokens.numel()
-    return {"leakage": hits, "chance": chance, "naive_leakage": row["token_recovery"]}
+        (view,), ree = record_steps(cfg_dict, mask_std, 1)
+    table = first_input_table(ree.model)
+    naive, chance = token_scores(
+        nearest_rows(view.received[("linear", FIRST_INPUT)], table), view.batch
+    )
+    hits, _ = token_scores(nearest_rows(_strip_shared_mask(view.received), table), view.batch)
+    return {"leakage": hits, "chance": chance, "naive_leakage": naive}
 
 
 def tee_job(cfg: JobConfig) -> dict[str, Any]:

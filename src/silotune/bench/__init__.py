@@ -39,7 +39,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "silotune.bench.enclave",
     ),
     "privacy": (
-        "privacy attacks (split inversion and labels, enclave ciphertext, TEE masks) vs defences",
+        "privacy attacks (split inversion and labels, enclave ciphertext, TEE tokens and LoRA "
+        "weights, federated membership) vs defences",
         "silotune.bench.privacy",
     ),
 }

@@ -8,6 +8,8 @@ in the enclave; for the gradient side more tail layers and noise). The cost of a
 the same run: step time, and for the settings trained ``ACCURACY_STEPS`` steps, the test accuracy (for
 the adapter in the TEE: the enclave's step time and its adapter's difference from the plain
 trainer's after ``TEE_STEPS`` steps; for federated membership: the global adapter's test loss).
+The adapter-in-TEE attacks run on tiny-llama in both variants; federated membership inference
+on tiny-llama with ``--quick`` and on a shorter SmolLM2 recipe otherwise (``MIA_SMOLLM2``).
 Noise levels are multiples of the RMS of the default run's head activations, measured in this run.
 One PNG per attack (leakage against step time, and against accuracy where measured) goes to
 ``$SILOTUNE_BENCH_OUT`` (default ``./bench-out``)``/privacy``. A table, then one JSON line.
@@ -25,24 +27,39 @@ from rich.console import Console
 from rich.table import Table
 
 from silotune.adapter_tee.runner import compare_with_plain
-from silotune.attacks.federated_mia import MIA_SETTINGS, run_mia
+from silotune.attacks import format_leakage
+from silotune.attacks.federated_mia import MIA_SETTINGS, MIA_SETTINGS_SHORT, run_mia
 from silotune.attacks.observe import SplitObservation, observe_split
 from silotune.attacks.run import AttackCache, run_attack
 from silotune.attacks.tee_masks import tee_job, tee_leakage
+from silotune.attacks.tee_weights import weight_row
 from silotune.config import JobConfig, config_from_dict
 
 log = logging.getLogger(__name__)
 
-NOISE_FACTORS = (0.25, 1.0, 4.0)
-TEE_STEPS = 5  # adapter-in-TEE steps compared with the plain trainer for the masks' cost  # noise_sigma as multiples of the head activations' RMS
+NOISE_FACTORS = (0.25, 1.0, 4.0)  # noise_sigma as multiples of the head activations' RMS
+TEE_STEPS = 5  # adapter-in-TEE steps compared with the plain trainer for the masks' cost
+WEAK_MASK_STDS = (1e-3, 0.1)  # fresh-mask stds below the tested ones, for tee-weights only
+
+
+# Federated membership inference: tiny-llama (quick) and a shorter SmolLM2 recipe (full): shorter
+# texts, fewer steps, members and held-out texts, and the settings of MIA_SETTINGS_SHORT. It took
+# 28 minutes on one core of the shared build machine under load, where the tiny recipe on SmolLM2
+# would take about an hour.
+MIA_TINY = {"model": "tiny-llama", "max_length": 64, "local_steps": 30, "members": 100,
+            "held_out": None, "settings": MIA_SETTINGS}  # fmt: skip
+MIA_SMOLLM2 = {"model": "smollm2-135m", "max_length": 32, "local_steps": 16, "members": 64,
+               "held_out": 96, "settings": MIA_SETTINGS_SHORT}  # fmt: skip
 
 
 def _grid(quick: bool) -> dict[str, Any]:
     if quick:
         return {"model": "tiny-llama", "max_length": 64, "accuracy_steps": 20, "eval": 40,
-                "inverter_steps": 150, "inverter_texts": 600, "tee_model": "tiny-llama"}  # fmt: skip
+                "inverter_steps": 150, "inverter_texts": 600, "tee_model": "tiny-llama",
+                "mia": MIA_TINY}  # fmt: skip
     return {"model": "smollm2-135m", "max_length": 128, "accuracy_steps": 30, "eval": 80,
-            "inverter_steps": 200, "inverter_texts": 1000, "tee_model": "tiny-llama"}  # fmt: skip
+            "inverter_steps": 200, "inverter_texts": 1000, "tee_model": "tiny-llama",
+            "mia": MIA_SMOLLM2}  # fmt: skip
 
 
 def _job(grid: dict[str, Any], **split: Any) -> JobConfig:
@@ -64,34 +81,49 @@ def _job(grid: dict[str, Any], **split: Any) -> JobConfig:
     )
 
 
-def _tee_rows(grid: dict[str, Any], console: Console) -> list[dict[str, Any]]:
-    """Adapter in the TEE: fresh vs reused masks at two mask_std; the fresh masks' cost."""
-    rows: list[dict[str, Any]] = []
-    tee = tee_job(_job({**grid, "model": grid["tee_model"], "max_length": 64}))
+def _tee_rows(grid: dict[str, Any], console: Console) -> dict[str, list[dict[str, Any]]]:
+    """Adapter in the TEE: tokens and LoRA weights, fresh vs reused masks; the fresh masks' cost."""
+    rows: dict[str, list[dict[str, Any]]] = {"tee-masks": [], "tee-weights": []}
+    model = grid["tee_model"]
+    tee = tee_job(_job({**grid, "model": model, "max_length": 64}))
     for mask_std in (1.0, 1e4):
         job = {**tee, "enclave": {**tee.get("enclave", {}), "mask_std": mask_std}}
         compared = compare_with_plain(job, TEE_STEPS, in_process=True)  # the fresh masks' cost
         cost = {"step_s": compared["enclave_step_s"], "plain_step_s": compared["plain_step_s"],
                 "adapter_max_abs_diff": compared["max_abs_diff"]}  # fmt: skip
         for reuse in (False, True):
-            console.log(f"privacy bench: tee-masks mask_std {mask_std} reused {reuse}")
+            console.log(f"privacy bench: tee-masks, tee-weights mask_std {mask_std} reused {reuse}")
             row = tee_leakage(tee, mask_std, reuse)
-            setting = {"model": grid["tee_model"], "mask_std": mask_std, "reused_mask": reuse}
-            rows.append({"setting": setting, **row, "cost": {} if reuse else cost})
+            setting = {"model": model, "mask_std": mask_std, "reused_mask": reuse}
+            rows["tee-masks"].append({"setting": setting, **row, "cost": {} if reuse else cost})
+            weights = weight_row(tee, model, mask_std, reuse)
+            weights["cost"] = {**weights["cost"], **({} if reuse else cost)}
+            rows["tee-weights"].append(weights)
+    for mask_std in WEAK_MASK_STDS:  # where fresh masks stop hiding the weights
+        console.log(f"privacy bench: tee-weights mask_std {mask_std} fresh")
+        rows["tee-weights"].append(weight_row(tee, model, mask_std, False))
     return rows
 
 
-def _mia_job(grid: dict[str, Any]) -> JobConfig:
-    return config_from_dict(
+def _mia_rows(mia: dict[str, Any]) -> list[dict[str, Any]]:
+    """One federated round per setting of ``mia``, 4 shadows; the rows of ``run_mia``."""
+    job = config_from_dict(
         {
             "mode": "federated",
-            "model": grid["tee_model"],
+            "model": mia["model"],
             "adapter": {"type": "lora", "r": 8},
-            "data": {"dataset": "fortunes-sample", "task": "lm", "max_length": 64},
+            "data": {"dataset": "fortunes-sample", "task": "lm", "max_length": mia["max_length"]},
             "train": {"batch_size": 8, "lr": 5e-3, "eval_batch_size": 32},
-            "federation": {"silos": 4, "rounds": 1, "local_steps": 30, "min_silos": 2},
+            "federation": {"silos": 4, "rounds": 1, "local_steps": mia["local_steps"],
+                           "min_silos": 2},
         }
-    )
+    )  # fmt: skip
+    rows: list[dict[str, Any]] = run_mia(
+        job, mia["settings"], members=mia["members"], held_out=mia["held_out"]
+    )["rows"]
+    for row in rows:
+        row["setting"] = {"model": mia["model"], **row["setting"]}
+    return rows
 
 
 def _rms(obs: SplitObservation) -> float:
@@ -107,7 +139,7 @@ def run(quick: bool, console: Console) -> dict[str, Any]:
     steps = grid["accuracy_steps"]
     results: dict[str, list[dict[str, Any]]] = {
         "split-nearest": [], "split-learned": [], "split-ciphertext": [], "split-labels": [],
-        "tee-masks": [], "federated-mia": [],
+        "tee-masks": [], "tee-weights": [], "federated-mia": [],
     }  # fmt: skip
 
     def attack(names: tuple[str, ...], cfg: JobConfig, trained: int = 0, evals: int = 0) -> None:
@@ -138,10 +170,10 @@ def run(quick: bool, console: Console) -> dict[str, Any]:
         attack(("split-labels",), _job(grid, tail_layers=t))
     attack(("split-ciphertext",), _job(grid, trunk_in_enclave=True))
     # Adapter in the TEE (tiny-llama: the masked path runs every frozen matmul through the REE).
-    results["tee-masks"] = _tee_rows(grid, console)
-    # Federated membership inference (tiny-llama: one round of every setting plus 16 shadows).
-    console.log("privacy bench: federated-mia")
-    results["federated-mia"] = run_mia(_mia_job(grid), MIA_SETTINGS)["rows"]
+    results.update(_tee_rows(grid, console))
+    # Federated membership inference: one round of every setting plus 16 shadow trainings.
+    console.log(f"privacy bench: federated-mia ({grid['mia']['model']})")
+    results["federated-mia"] = _mia_rows(grid["mia"])
     _print(console, grid["model"], results, rms)
     plots = _plots(results, Path(os.environ.get("SILOTUNE_BENCH_OUT", "bench-out")) / "privacy")
     return {"bench": "privacy", "model": grid["model"], "activation_rms": rms,
@@ -174,7 +206,7 @@ def _label(setting: dict[str, Any]) -> str:
 
 def _print(console: Console, model: str, results: dict[str, Any], rms: float) -> None:
     table = Table(title=f"bench privacy: {model} (head activation RMS {rms:.3g})")
-    cols = ("attack", "setting", "leakage", "chance", "sentences / TPR", "step s", "accuracy")
+    cols = ("attack", "setting", "leakage", "chance", "detail", "step s", "accuracy")
     for col in cols:
         table.add_column(col, justify="left" if col in ("attack", "setting") else "right")
     for name, rows in results.items():
@@ -183,16 +215,21 @@ def _print(console: Console, model: str, results: dict[str, Any], rms: float) ->
             table.add_row(
                 name,
                 _label(row["setting"]),
-                f"{row['leakage']:.1%}",
-                f"{row['chance']:.1%}",
-                f"{row['sentences']:.1%}" if "sentences" in row else _mia_extra(row),
+                format_leakage(name, row["leakage"]),
+                format_leakage(name, row["chance"]),
+                _detail(row),
                 f"{cost['step_s']:.2f}" if "step_s" in cost else "",
                 f"{cost['accuracy']:.3f}" if "accuracy" in cost else "",
             )
     Console(file=console.file, width=max(console.width, 150)).print(table)
 
 
-def _mia_extra(row: dict[str, Any]) -> str:
+def _detail(row: dict[str, Any]) -> str:
+    """The attack's second number: exact sentences, TPR at 1% FPR, or cosine per LoRA target."""
+    if "sentences" in row:
+        return f"sentences {row['sentences']:.1%}"
+    if "by_target" in row:
+        return ", ".join(f"{t} {v['cosine']:.2f}" for t, v in row["by_target"].items())
     if "tpr_at_1pct_fpr" not in row:
         return ""
     eps = f", eps {row['epsilon']:.2f}" if row.get("epsilon") is not None else ""
@@ -212,6 +249,9 @@ def _plots(results: dict[str, Any], folder: Path) -> dict[str, str]:
         if name == "federated-mia":
             written[name] = _mia_plot(rows, folder / f"{name}.png", plt)
             continue
+        if name == "tee-weights":
+            written[name] = _mask_plot(rows, folder / f"{name}.png", plt)
+            continue
         timed = [r for r in rows if "step_s" in r["cost"]]
         if not timed:
             continue
@@ -230,13 +270,38 @@ def _plots(results: dict[str, Any], folder: Path) -> dict[str, str]:
             ax.set_xlabel(xlabel)
             ax.set_ylabel("leakage")
             ax.set_ylim(-0.02, 1.02)
-        fig.suptitle(f"{name}: leakage vs cost")
-        fig.tight_layout()
-        path = folder / f"{name}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written[name] = str(path)
+        written[name] = _save(fig, folder / f"{name}.png", f"{name}: leakage vs cost", plt)
     return written
+
+
+def _mask_plot(rows: list[dict[str, Any]], path: Path, plt: Any) -> str:
+    """Weight recovery against ``enclave.mask_std``, fresh vs reused masks; step time where measured."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for reuse, color in ((False, "tab:blue"), (True, "tab:red")):
+        points = sorted((r for r in rows if r["setting"]["reused_mask"] == reuse),
+                        key=lambda r: r["setting"]["mask_std"])  # fmt: skip
+        xs = [r["setting"]["mask_std"] for r in points]
+        ax.plot(xs, [r["leakage"] for r in points], "o-", color=color,
+                label="one reused mask (test-only hook)" if reuse else "fresh masks (the product)")  # fmt: skip
+        for r in points:
+            if "step_s" in r["cost"]:
+                note = f"{r['cost']['step_s']:.2f} s/step (plain {r['cost']['plain_step_s']:.2f})"
+                ax.annotate(note, (r["setting"]["mask_std"], r["leakage"]), fontsize=7)
+    ax.axhline(max(r["chance"] for r in rows), ls="--", color="grey", label="chance")
+    ax.set_xscale("log")
+    ax.set_xlabel("enclave.mask_std")
+    ax.set_ylabel("cosine, recovered vs true LoRA delta")
+    ax.set_ylim(-0.05, 1.02)
+    ax.legend(loc="center right", fontsize=7)
+    return _save(fig, path, "tee-weights: leakage vs mask_std (and step time)", plt)
+
+
+def _save(fig: Any, path: Path, title: str, plt: Any) -> str:
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
 
 
 def _mia_plot(rows: list[dict[str, Any]], path: Path, plt: Any) -> str:
@@ -251,8 +316,4 @@ def _mia_plot(rows: list[dict[str, Any]], path: Path, plt: Any) -> str:
     ax.set_ylabel("membership AUC (LiRA)")
     ax.set_ylim(0.3, 1.02)
     ax.legend(loc="lower right", fontsize=7)
-    fig.suptitle("federated-mia: leakage vs cost")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return _save(fig, path, "federated-mia: leakage vs cost", plt)
