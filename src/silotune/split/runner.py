@@ -30,7 +30,7 @@ from silotune.data.partition import partition_iid
 from silotune.data.registry import DatasetSplits, load_splits
 from silotune.data.tasks import ClassificationTask, LanguageModelingTask, make_task
 from silotune.enclave.platform import load_platform_key
-from silotune.errors import ConfigError, SilotuneError
+from silotune.errors import ConfigError, CryptoError, FrameError, SilotuneError, TransportError
 from silotune.eval.evaluate import evaluate
 from silotune.split.agreement import settings_digest, shared_settings
 from silotune.split.enclave_trunk import EnclaveTrunk
@@ -73,6 +73,8 @@ from silotune.transport.tls import generate_tls_material, load_tls_material
 __all__ = ["build_service", "join", "run_silo", "serve", "train_split"]
 
 log = logging.getLogger(__name__)
+
+REJOIN_HINT = "if the coordinator still runs, join again with the same command"
 
 
 # --------------------------------------------------------------------------- silo
@@ -165,6 +167,11 @@ def run_silo(
         return _train_silo(
             cfg, half, session, stream, task, splits, device, out_dir, evaluate_splits, averaging
         )
+    except (TransportError, CryptoError, FrameError) as exc:  # one line, with what to do
+        reason = session.last_words() or str(exc)
+        raise SplitError(
+            f"the session with the coordinator ended: {reason}; {REJOIN_HINT}"
+        ) from None
     finally:
         session.close()
 
