@@ -34,6 +34,7 @@ from torch import nn
 from silotune.config import TrainConfig
 from silotune.split.averaging import weighted_average
 from silotune.split.parts import PartState
+from silotune.split.resume import copy_optimizer
 from silotune.split.roster import Roster
 from silotune.split.session import SplitError
 from silotune.train.loop import make_scheduler
@@ -162,7 +163,17 @@ class TrunkEngine(ABC):
         self.device = device
         self.dtype = dtype
         self.commits = 0  # optimizer steps of the trunk (or of replica 0's, hierarchical)
+        self.resumed = False  # the trunk was restored from a checkpoint (split.resume)
         self._lock = threading.RLock()
+
+    @property
+    def lock(self) -> threading.RLock:
+        """Held while the trunk's tensors change; a checkpoint reads them under it."""
+        return self._lock
+
+    def checkpoint_replica(self) -> Replica:
+        """The trunk a checkpoint saves: its adapter is in the model, its optimizer is saved."""
+        return self.main
 
     def _to_device(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden.to(device=self.device, dtype=self.dtype)
@@ -367,6 +378,15 @@ class HierarchicalEngine(TrunkEngine):
         with self._lock:
             part = copy.deepcopy(self.main.part, memo=dict(self._frozen))
             self.replicas[member] = _make_replica(part, self.train_cfg)
+            if self.resumed:  # a restored trunk: every replica continues its optimizer
+                copy_optimizer(self.main, self.replicas[member])
+
+    def checkpoint_replica(self) -> Replica:
+        """The averaged adapter goes into the main copy; the first replica's optimizer is saved."""
+        with self._lock:
+            self.state.set([self.main.part], self.trunk_state())
+            names = sorted(n for n in self.replicas if n in self.roster.examples)
+            return self.replicas[names[0]] if names else self.main
 
     def _replica(self, member: str) -> Replica:
         replica = self.replicas.get(member)

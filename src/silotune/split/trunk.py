@@ -76,6 +76,7 @@ __all__ = ["SessionRecord", "Trunk", "TrunkService", "check_activation"]
 
 if TYPE_CHECKING:
     from silotune.config import JobConfig
+    from silotune.split.resume import TrunkCheckpoints
 
 log = logging.getLogger(__name__)
 TRUNK_ADAPTER = "trunk_adapter.safetensors"
@@ -215,6 +216,8 @@ class TrunkService:
     averaging
         How silo adapters are averaged (``split.secure_averaging``: ``none`` or ``masking``);
         ``None`` lets the first silo that joins fix it for the job.
+    checkpoints
+        Writes the trunk's checkpoints at the silos' sync steps (``None``: none written).
     """
 
     engine: TrunkEngine
@@ -226,6 +229,7 @@ class TrunkService:
     settings: dict[str, Any]
     activation_dtype: str | None = None
     averaging: str | None = None
+    checkpoints: TrunkCheckpoints | None = None
     records: list[SessionRecord] = field(default_factory=list)
     finished: threading.Event = field(default_factory=threading.Event)
 
@@ -384,6 +388,8 @@ class TrunkService:
             elif frame.kind == KIND_COMMIT:
                 engine.commit(name, _number(frame.meta, "coef", 0.0, 1.0))
                 record.steps += 1
+                if self.checkpoints is not None:
+                    self.checkpoints.committed(name, frame.step + 1)
             elif frame.kind in (KIND_SYNC, KIND_SECAGG) and self.averaging != (
                 "none" if frame.kind == KIND_SYNC else "masking"
             ):
