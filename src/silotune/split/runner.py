@@ -404,6 +404,7 @@ def _silo_process(
     out_dir: str,
     evaluate_splits: bool,
     threads: int,
+    resume: bool = False,
 ) -> None:
     """Entry point of a spawned silo process; failures go to ``out_dir/error.txt``."""
     import warnings
@@ -415,7 +416,10 @@ def _silo_process(
     out = Path(out_dir)
     try:
         cfg = config_from_dict(cfg_data)
-        run_silo(cfg, name, out, target=target, shard=shard, evaluate_splits=evaluate_splits)
+        run_silo(
+            cfg, name, out, target=target, shard=shard, evaluate_splits=evaluate_splits,
+            resume=resume,
+        )  # fmt: skip
     except BaseException as exc:
         out.mkdir(parents=True, exist_ok=True)
         message = str(exc) if isinstance(exc, SilotuneError) else traceback.format_exc()
@@ -434,10 +438,15 @@ def train_split(
     """Run a split job on this machine: coordinator here, one process per silo, gRPC + TLS."""
     check_split_config(cfg)
     log.warning("%s", leakage_notice(cfg))
-    if resume:
-        raise ConfigError("--resume is not available in mode split; start the run again")
-    prepare_output_dir(cfg, resume=False, overwrite=overwrite)
+    if resume and cfg.split.trunk_in_enclave:
+        raise ConfigError(
+            "--resume is not available with split.trunk_in_enclave (the enclave's state is sealed "
+            "to its run); start the run again"
+        )
+    prepare_output_dir(cfg, resume=resume, overwrite=overwrite)
     out = cfg.output_dir
+    if not resume:  # no silo may later resume from an older run's checkpoints
+        shutil.rmtree(out / SILOS_DIR, ignore_errors=True)
     names = silo_names(cfg.split.silos)
     threads = threads_per_process(cfg, cfg.split.silos + 1)  # coordinator + one per silo
     apply_threads(threads)
@@ -455,7 +464,7 @@ def train_split(
             local.enclave.platform_key = Path(tmp) / "platform.pub"
             service = _start_enclave(local, enrollment, platform, threads)
         else:
-            service = build_service(local, identity, enrollment)
+            service = build_service(local, identity, enrollment, checkpoints=True, resume=resume)
         server = GrpcStreamServer(
             service.handle, "127.0.0.1:0", tls=load_tls_material(tls_dir), max_connections=64
         )
@@ -474,6 +483,7 @@ def train_split(
                     str(out / SILOS_DIR / name),
                     index == 0,
                     threads,
+                    resume,
                 )
                 process = context.Process(target=_silo_process, args=args, name=name, daemon=True)
                 process.start()
