@@ -166,3 +166,25 @@ def test_coordinator_killed_then_served_with_resume(keys_dir, tls_dir, tmp_path,
     trunk = load_file(coordinator.output_dir / "trunk_adapter.safetensors")
     adapter = load_file(silo.output_dir / "adapter" / "adapter_model.safetensors")
     assert all(torch.equal(adapter[k], v) for k, v in trunk.items())
+
+
+def test_cli_documents_resume_and_refuses_it_without_a_checkpoint(
+    keys_dir, tls_dir, tmp_path, main_in_process
+):
+    from typer.testing import CliRunner
+
+    from silotune.cli import app
+    from tests.conftest import assert_clean_error
+
+    for command in ("serve", "join"):
+        shown = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
+        assert "--resume" in shown and "checkpoint" in shown, shown
+    recipe = tmp_path / "split.yaml"
+    recipe.write_text(
+        "mode: split\nmodel: tiny-llama\ndata: {dataset: fortunes-sample}\n"
+        f"split: {{keys_dir: {keys_dir}, tls_dir: {tls_dir}, address: {_address()}}}\n"
+        f"output_dir: {tmp_path / 'silo'}\n"
+    )
+    result = main_in_process("join", str(recipe), "--silo", "silo-0", "--resume", cwd=tmp_path)
+    assert_clean_error(result, "--resume")
+    assert "holds no checkpoint" in result.stderr
