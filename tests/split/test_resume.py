@@ -69,7 +69,7 @@ def test_silo_killed_after_a_sync_rejoins_with_resume(keys_dir, tls_dir, tmp_pat
 
     def save_then_maybe_crash(out_dir, done, *args):
         save(out_dir, done, *args)
-        silo = args[-1]
+        silo = next(a for a in args if isinstance(a, str))
         if silo == "silo-1" and done == 2 and not crashed.is_set():
             crashed.set()
             raise Crash("silo-1 killed after its step-2 checkpoint")
@@ -95,7 +95,7 @@ def test_silo_killed_after_a_sync_rejoins_with_resume(keys_dir, tls_dir, tmp_pat
         assert latest_checkpoint(silos[1].output_dir).name == "step-00000002"
         results[1] = runner.join(silos[1], "silo-1", shard=1, resume=True)
 
-    errors = run_threads(serve, silo_0, silo_1, timeout=300)
+    errors = run_threads(serve, silo_0, silo_1, timeout=120)
     assert errors == [None, None, None], errors
     assert _steps(silos[1].output_dir) == [1, 2, 3, 4]  # steps 1-2 before the crash, 3-4 after
     outcomes = sorted(s["outcome"] for s in results["coordinator"]["sessions"])
@@ -188,3 +188,19 @@ def test_cli_documents_resume_and_refuses_it_without_a_checkpoint(
     result = main_in_process("join", str(recipe), "--silo", "silo-0", "--resume", cwd=tmp_path)
     assert_clean_error(result, "--resume")
     assert "holds no checkpoint" in result.stderr
+
+
+def test_a_silo_checkpoint_keeps_its_secure_averaging_rounds(tmp_path):
+    """A restarted silo still refuses a secure-averaging round it already contributed to."""
+    from silotune.split.parts import build_half
+    from silotune.split.resume import restore_silo, save_silo
+    from silotune.train.loop import make_optimizer, make_scheduler
+
+    cfg = split_cfg()
+    half = build_half(cfg, "silo")
+    optimizer = make_optimizer(half.model, cfg.train)
+    scheduler = make_scheduler(optimizer, cfg.train)
+    save_silo(tmp_path, 2, half.model, optimizer, scheduler, cfg, "silo-0", {"ab12": 3})
+    history: dict[str, int] = {}
+    step = restore_silo(tmp_path, half.model, optimizer, scheduler, 10, history)
+    assert step == 2 and history == {"ab12": 3}

@@ -53,10 +53,19 @@ def restore_silo(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     max_steps: int,
+    secagg_history: dict[str, int] | None = None,
 ) -> int:
-    """Load a silo's newest checkpoint (head/tail adapter, optimizer, RNG); return its step."""
+    """Load a silo's newest checkpoint (head/tail adapter, optimizer, RNG); return its step.
+
+    ``secagg_history`` (the secure-averaging rounds this silo contributed to, by job) is
+    restored too, so a restarted silo still refuses a round it already took part in.
+    """
     path = _latest(run_dir)
-    step = int(load_checkpoint(path, model, optimizer, scheduler)["step"])
+    state = load_checkpoint(path, model, optimizer, scheduler)
+    step = int(state["step"])
+    saved = state.get("extra", {}).get("secagg_history", {})
+    if secagg_history is not None and isinstance(saved, dict):
+        secagg_history.update({str(k): int(v) for k, v in saved.items()})
     if step > max_steps:
         raise ConfigError(
             f"--resume: the checkpoint is at step {step}, past train.max_steps {max_steps}"
@@ -73,9 +82,10 @@ def save_silo(
     scheduler: Any,
     cfg: JobConfig,
     silo: str,
+    secagg_history: dict[str, int] | None = None,
 ) -> None:
     """Checkpoint a silo right after a sync: its synced adapter, optimizer and step."""
-    extra = {"role": "silo", "silo": silo}
+    extra = {"role": "silo", "silo": silo, "secagg_history": dict(secagg_history or {})}
     save_checkpoint(
         run_dir, done, model, optimizer, scheduler, extra, keep=cfg.train.keep_checkpoints
     )

@@ -217,8 +217,9 @@ def _train_silo(
     scheduler = make_scheduler(optimizer, t)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = 0
+    history = getattr(averager, "history", None)  # secure-averaging rounds taken part in
     if resume:
-        start = restore_silo(out_dir, half.model, optimizer, scheduler, t.max_steps)
+        start = restore_silo(out_dir, half.model, optimizer, scheduler, t.max_steps, history)
         link.step = start  # commit frames carry the silo's step
     metrics = MetricsLog(out_dir / METRICS_FILE, keep_until_step=start if resume else None)
     schedule = Schedule.steps(cfg)
@@ -243,7 +244,7 @@ def _train_silo(
             scores = evaluate(model, task, splits.validation, t.eval_batch_size, device)
             metrics.write({"step": done, "split": "validation", **scores})
         if schedule.syncs(done):  # after its records, so a resumed run keeps them
-            save_silo(out_dir, done, half.model, optimizer, scheduler, cfg, averaging[2])
+            save_silo(out_dir, done, half.model, optimizer, scheduler, cfg, averaging[2], history)
     train_s = time.perf_counter() - clock
     log.info("Silo finished %d steps in %.1f s.", t.max_steps, train_s)
     test = evaluate(model, task, splits.test, t.eval_batch_size, device) if evaluate_splits else {}
