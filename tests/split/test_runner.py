@@ -11,7 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from silotune.dispatch import run_job
-from silotune.errors import ConfigError
+from silotune.errors import CheckpointError, ConfigError
 from silotune.eval.evaluate import evaluate
 from silotune.models.loading import load_model
 from silotune.split import runner
@@ -63,9 +63,29 @@ def test_join_without_keys_names_the_missing_key(tmp_path):
         runner.join(cfg, "silo-0")
 
 
-def test_split_mode_rejects_resume(tmp_path):
-    with pytest.raises(ConfigError, match="--resume"):
-        run_job(split_cfg(), resume=True)
+def test_split_resume_without_a_checkpoint_says_so(tmp_path):
+    cfg = split_cfg()
+    cfg.output_dir = tmp_path / "run"
+    with pytest.raises(CheckpointError, match="--resume: .* holds no checkpoint"):
+        run_job(cfg, resume=True)
+
+
+@pytest.mark.slow
+def test_train_mode_split_resumes_coordinator_and_silos(tmp_path):
+    """`silotune train --resume` in split mode: 2 steps, then the same run continued to 4."""
+    train = {"max_steps": 2, "scheduler": "constant", "log_every": 1, "eval_every": 1000}
+    cfg = split_cfg(train=train, silos=2, server_mode="client-batching", sync_every=2)
+    cfg.output_dir = tmp_path / "run"
+    run_job(cfg, progress=False)
+    assert (cfg.output_dir / "checkpoints" / "step-00000002").is_dir()  # the trunk's
+    longer = cfg.model_copy(deep=True)
+    longer.train.max_steps = 4
+    summary = run_job(longer, resume=True, progress=False)
+    assert summary["split"]["failed_silos"] == []
+    assert summary["split"]["trunk_steps"] == 4  # 2 restored + 2 more
+    lines = [json.loads(x) for x in (cfg.output_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = sorted(r["step"] for r in lines if r["split"] == "train" and r["silo"] == "silo-1")
+    assert steps == [1, 2, 3, 4]
 
 
 @pytest.mark.slow

@@ -18,12 +18,24 @@ def serve(
     config: Annotated[Path, typer.Argument(help="YAML job recipe with mode: split.")],
     set_: SetOption = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a run already in output_dir.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Continue from the trunk's newest checkpoint in output_dir (its adapter, "
+            "optimizer and step); the silos join again with --resume."
+        ),
+    ] = False,
 ) -> None:
-    """Run the coordinator's trunk server at split.address until every silo has finished."""
+    """Run the coordinator's trunk server at split.address until every silo has finished.
+
+    The trunk is checkpointed whenever every live silo has committed a sync step. A silo that
+    dies while the others wait is dropped from the roster; an enrolled silo may join again
+    after a crash (its new, authenticated session replaces the old one).
+    """
     from silotune.config import load_config
     from silotune.split.runner import serve as run_server
 
-    summary = run_server(load_config(config, set_), overwrite=overwrite)
+    summary = run_server(load_config(config, set_), overwrite=overwrite, resume=resume)
     if "trunk_adapter_sealed" in summary:
         saved = (
             f"trunk adapter sealed by the simulated enclave to {summary['trunk_adapter_sealed']}"
@@ -46,13 +58,26 @@ def join(
     ] = None,
     set_: SetOption = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a run already in output_dir.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Continue from this silo's newest checkpoint in output_dir (its last synced "
+            "head/tail adapter, optimizer and step), e.g. after a crash."
+        ),
+    ] = False,
 ) -> None:
-    """Join a trunk server as a silo: train head and tail here, save the full adapter."""
+    """Join a trunk server as a silo: train head and tail here, save the full adapter.
+
+    A checkpoint is written at every sync step. After a crash, run the same command with
+    --resume: the silo re-joins under its enrolled identity (replacing its old session) and
+    continues from its last synced adapter.
+    """
     from silotune.config import load_config
     from silotune.split.runner import join as run_join
 
     cfg = load_config(config, set_)
-    summary = run_join(cfg, silo or cfg.split.silo_name, shard=shard, overwrite=overwrite)
+    name = silo or cfg.split.silo_name
+    summary = run_join(cfg, name, shard=shard, overwrite=overwrite, resume=resume)
     console = Console(stderr=True)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in summary["test"].items() if k != "examples")
     console.print(f"test: {shown}")

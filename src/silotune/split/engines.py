@@ -23,9 +23,8 @@ from __future__ import annotations
 import copy
 import logging
 import threading
-import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,137 +34,14 @@ from torch import nn
 from silotune.config import TrainConfig
 from silotune.split.averaging import weighted_average
 from silotune.split.parts import PartState
+from silotune.split.resume import copy_optimizer
+from silotune.split.roster import Roster
 from silotune.split.session import SplitError
 from silotune.train.loop import make_scheduler
 
 __all__ = ["ENGINES", "Roster", "TrunkEngine", "make_engine"]
 
 log = logging.getLogger(__name__)
-
-
-class Roster:
-    """The live silos and rendezvous points among them (one contribution per live silo).
-
-    Parameters
-    ----------
-    timeout
-        Seconds a silo waits at a rendezvous for the others before giving up.
-    """
-
-    def __init__(self, timeout: float) -> None:
-        self.cond = threading.Condition()
-        self.timeout = timeout
-        self.examples: dict[str, int] = {}  # live silo -> training examples
-        self.joined = 0
-        self._rounds: dict[str, int] = {}
-        self._pending: dict[tuple[str, int], dict[str, Any]] = {}
-        self._results: dict[tuple[str, int], dict[str, Any]] = {}
-        self._combines: dict[tuple[str, int], tuple[Callable[..., Any], Any]] = {}
-
-    @property
-    def live(self) -> set[str]:
-        """Names of the silos in session now."""
-        return set(self.examples)
-
-    def join(self, name: str, examples: int) -> None:
-        """Add a silo; a second live session under the same name is refused."""
-        with self.cond:
-            if name in self.examples:
-                raise SplitError(f"silo {name!r} is already in session; one session per silo")
-            self.examples[name] = examples
-            self.joined += 1
-            self.cond.notify_all()
-
-    def leave(self, name: str) -> None:
-        """Remove a silo; rendezvous that waited for it complete without it."""
-        with self.cond:
-            self.examples.pop(name, None)
-            for values in self._pending.values():
-                values.pop(name, None)
-            for results in self._results.values():
-                results.pop(name, None)
-            self._try_complete_all()
-            self.cond.notify_all()
-
-    def wait_for_quorum(self, count: int) -> None:
-        """Block until ``count`` silos have joined (or the timeout passed; then go on)."""
-        deadline = time.monotonic() + self.timeout
-        with self.cond:
-            while self.joined < count and time.monotonic() < deadline:
-                self.cond.wait(deadline - time.monotonic())
-            if self.joined < count:
-                log.warning(
-                    "Only %d of %d silos joined within %.0f s; training with them.",
-                    self.joined,
-                    count,
-                    self.timeout,
-                )
-
-    def gather(
-        self,
-        point: str,
-        member: str,
-        value: Any,
-        combine: Callable[[dict[str, Any]], dict[str, Any]],
-        expected: Callable[[], set[str]] | None = None,
-    ) -> Any:
-        """Contribute ``value`` to the open round of rendezvous ``point`` and wait for its result.
-
-        The round completes when every expected silo (default: the live ones) has contributed or
-        left; the thread that completes it runs ``combine(values by silo)``, which returns each
-        contributor's result. Rounds of one point are numbered, so a fast silo's next
-        contribution goes to the next round.
-        """
-        deadline = time.monotonic() + self.timeout
-        with self.cond:
-            key = (point, self._rounds.get(point, 0))
-            self._pending.setdefault(key, {})[member] = value
-            self._combines[key] = (combine, expected)
-            self._try_complete(key)
-            while key not in self._results or member not in self._results[key]:
-                if member not in self.examples:
-                    raise SplitError(f"silo {member!r} left while waiting at {point}")
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    waiting = sorted(self._expected(key) - set(self._pending.get(key, {})))
-                    raise SplitError(
-                        f"timed out after {self.timeout:.0f} s at {point} waiting for {waiting}"
-                    )
-                self.cond.wait(remaining)
-            results = self._results[key]
-            result = results.pop(member)
-            if isinstance(result, BaseException):
-                raise result
-            if not results:
-                del self._results[key]
-            return result
-
-    def _expected(self, key: tuple[str, int]) -> set[str]:
-        _, expected = self._combines[key]
-        return (expected() if expected is not None else set(self.examples)) & set(self.examples)
-
-    def _try_complete_all(self) -> None:
-        for key in list(self._pending):
-            self._try_complete(key)
-
-    def _try_complete(self, key: tuple[str, int]) -> None:
-        """Run the round's combine if every expected live silo has contributed (lock held)."""
-        values = self._pending.get(key)
-        if values is None or not self._expected(key) <= set(values):
-            return
-        combine, _ = self._combines.pop(key)
-        del self._pending[key]
-        point = key[0]
-        self._rounds[point] = key[1] + 1
-        live = {name: v for name, v in values.items() if name in self.examples}
-        try:
-            results: dict[str, Any] = combine(live) if live else {}
-        except Exception as exc:  # every contributor sees the failure
-            log.exception("The trunk failed at %s.", point)
-            error = SplitError(f"the trunk failed at {point}: {exc}")
-            results = dict.fromkeys(live, error)
-        self._results[key] = results
-        self.cond.notify_all()
 
 
 # --------------------------------------------------------------------------- trunk compute
@@ -287,7 +163,17 @@ class TrunkEngine(ABC):
         self.device = device
         self.dtype = dtype
         self.commits = 0  # optimizer steps of the trunk (or of replica 0's, hierarchical)
+        self.resumed = False  # the trunk was restored from a checkpoint (split.resume)
         self._lock = threading.RLock()
+
+    @property
+    def lock(self) -> threading.RLock:
+        """Held while the trunk's tensors change; a checkpoint reads them under it."""
+        return self._lock
+
+    def checkpoint_replica(self) -> Replica:
+        """The trunk a checkpoint saves: its adapter is in the model, its optimizer is saved."""
+        return self.main
 
     def _to_device(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden.to(device=self.device, dtype=self.dtype)
@@ -492,6 +378,15 @@ class HierarchicalEngine(TrunkEngine):
         with self._lock:
             part = copy.deepcopy(self.main.part, memo=dict(self._frozen))
             self.replicas[member] = _make_replica(part, self.train_cfg)
+            if self.resumed:  # a restored trunk: every replica continues its optimizer
+                copy_optimizer(self.main, self.replicas[member])
+
+    def checkpoint_replica(self) -> Replica:
+        """The averaged adapter goes into the main copy; the first replica's optimizer is saved."""
+        with self._lock:
+            self.state.set([self.main.part], self.trunk_state())
+            names = sorted(n for n in self.replicas if n in self.roster.examples)
+            return self.replicas[names[0]] if names else self.main
 
     def _replica(self, member: str) -> Replica:
         replica = self.replicas.get(member)
@@ -522,11 +417,12 @@ class HierarchicalEngine(TrunkEngine):
     def trunk_state(self) -> dict[str, torch.Tensor]:
         """The live replicas' adapters averaged by the silos' examples (the main copy if none)."""
         with self._lock:
-            names = sorted(n for n in self.replicas if n in self.roster.examples)
+            examples = dict(self.roster.examples)  # silos may leave meanwhile
+            names = sorted(n for n in self.replicas if n in examples)
             if not names:
                 return self.state.get([self.main.part])
             states = [self.state.get([self.replicas[n].part]) for n in names]
-            return weighted_average(states, [float(self.roster.examples[n]) for n in names])
+            return weighted_average(states, [float(examples[n]) for n in names])
 
     def after_sync(self, weights: Mapping[str, float]) -> None:
         names = sorted(n for n in weights if n in self.replicas)

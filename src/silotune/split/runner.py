@@ -30,7 +30,7 @@ from silotune.data.partition import partition_iid
 from silotune.data.registry import DatasetSplits, load_splits
 from silotune.data.tasks import ClassificationTask, LanguageModelingTask, make_task
 from silotune.enclave.platform import load_platform_key
-from silotune.errors import ConfigError, SilotuneError
+from silotune.errors import ConfigError, CryptoError, FrameError, SilotuneError, TransportError
 from silotune.eval.evaluate import evaluate
 from silotune.split.agreement import settings_digest, shared_settings
 from silotune.split.enclave_trunk import EnclaveTrunk
@@ -50,6 +50,7 @@ from silotune.split.parts import (
     check_split_config,
     save_full_adapter,
 )
+from silotune.split.resume import TrunkCheckpoints, restore_silo, restore_trunk, save_silo
 from silotune.split.session import FrameSession, SplitError, open_session
 from silotune.split.silo import SplitSilo, TrunkLink, make_averager
 from silotune.split.trunk import Trunk, TrunkService
@@ -73,6 +74,11 @@ from silotune.transport.tls import generate_tls_material, load_tls_material
 __all__ = ["build_service", "join", "run_silo", "serve", "train_split"]
 
 log = logging.getLogger(__name__)
+
+REJOIN_HINT = (
+    "if the coordinator still runs (or was restarted with --resume), join again with --resume "
+    "to continue from this silo's last checkpoint"
+)
 
 
 # --------------------------------------------------------------------------- silo
@@ -101,6 +107,7 @@ def run_silo(
     target: str | None = None,
     shard: int | None = None,
     evaluate_splits: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Train one silo against the trunk server at ``target`` (default ``split.address``).
 
@@ -118,6 +125,8 @@ def run_silo(
         ``None`` trains on all of it (a real silo's own data).
     evaluate_splits
         Evaluate on validation every ``train.eval_every`` steps and on test at the end.
+    resume
+        Continue from the newest checkpoint in ``out_dir`` (written at every sync step).
 
     Returns
     -------
@@ -163,8 +172,14 @@ def run_silo(
     try:
         averaging = (identity, enrollment, silo_name)
         return _train_silo(
-            cfg, half, session, stream, task, splits, device, out_dir, evaluate_splits, averaging
-        )
+            cfg, half, session, stream, task, splits, device, out_dir, evaluate_splits, averaging,
+            resume=resume,
+        )  # fmt: skip
+    except (TransportError, CryptoError, FrameError) as exc:  # one line, with what to do
+        reason = session.last_words() or str(exc)
+        raise SplitError(
+            f"the session with the coordinator ended: {reason}; {REJOIN_HINT}"
+        ) from None
     finally:
         session.close()
 
@@ -180,10 +195,12 @@ def _train_silo(
     out_dir: Path,
     evaluate_splits: bool,
     averaging: tuple[Any, Any, str],
+    resume: bool = False,
 ) -> dict[str, Any]:
     """The silo's training loop over an open session (see :func:`run_silo`).
 
-    ``averaging`` is (identity key, enrollment, silo name) for secure averaging.
+    ``averaging`` is (identity key, enrollment, silo name) for secure averaging; ``resume``
+    continues from the newest checkpoint in ``out_dir``.
     """
     t, s = cfg.train, cfg.split
     link = TrunkLink(
@@ -199,12 +216,17 @@ def _train_silo(
     optimizer.register_step_pre_hook(link.commit)
     scheduler = make_scheduler(optimizer, t)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(out_dir / METRICS_FILE)
+    start = 0
+    history = getattr(averager, "history", None)  # secure-averaging rounds taken part in
+    if resume:
+        start = restore_silo(out_dir, half.model, optimizer, scheduler, t.max_steps, history)
+        link.step = start  # commit frames carry the silo's step
+    metrics = MetricsLog(out_dir / METRICS_FILE, keep_until_step=start if resume else None)
     schedule = Schedule.steps(cfg)
     clock = time.perf_counter()
     step_seconds: list[float] = []
     train_bytes = 0
-    for step in range(t.max_steps):
+    for step in range(start, t.max_steps):
         bytes_before, started = session.stats.total_bytes, time.perf_counter()
         out = train_step(model, stream, step, optimizer, scheduler, t, device, loss_fn=model.loss)
         done = step + 1
@@ -221,6 +243,8 @@ def _train_silo(
         if evaluate_splits and schedule.evaluates(done):
             scores = evaluate(model, task, splits.validation, t.eval_batch_size, device)
             metrics.write({"step": done, "split": "validation", **scores})
+        if schedule.syncs(done):  # after its records, so a resumed run keeps them
+            save_silo(out_dir, done, half.model, optimizer, scheduler, cfg, averaging[2], history)
     train_s = time.perf_counter() - clock
     log.info("Silo finished %d steps in %.1f s.", t.max_steps, train_s)
     test = evaluate(model, task, splits.test, t.eval_batch_size, device) if evaluate_splits else {}
@@ -237,7 +261,7 @@ def _train_silo(
         out_dir=out_dir,
         examples=examples,
         wire_bytes=session.stats.total_bytes,
-        wire_bytes_per_step=train_bytes / t.max_steps,  # training frames, sealed, both ways
+        wire_bytes_per_step=train_bytes / max(1, t.max_steps - start),  # sealed, both ways
         settings_digest=settings_digest(settings),
         step_seconds=step_seconds,
         peak_rss_mb=peak_rss_mb(),
@@ -248,8 +272,19 @@ def _train_silo(
 # --------------------------------------------------------------------------- coordinator
 
 
-def build_service(cfg: JobConfig, identity: Any, enrollment: Any) -> TrunkService:
-    """The coordinator's trunk (in ``split.server_mode``) behind a :class:`TrunkService`."""
+def build_service(
+    cfg: JobConfig,
+    identity: Any,
+    enrollment: Any,
+    *,
+    checkpoints: bool = False,
+    resume: bool = False,
+) -> TrunkService:
+    """The coordinator's trunk (in ``split.server_mode``) behind a :class:`TrunkService`.
+
+    ``checkpoints`` writes the trunk's checkpoints to ``output_dir``; ``resume`` first restores
+    the newest one (:mod:`~silotune.split.resume`).
+    """
     half = build_half(cfg, "trunk")
     trunk = half.parts.trunk
     param = next(trunk.parameters())
@@ -265,6 +300,9 @@ def build_service(cfg: JobConfig, identity: Any, enrollment: Any) -> TrunkServic
     max_tokens = int(getattr(half.model.config, "max_position_embeddings", 0) or 0)
     max_tokens = max_tokens or int(getattr(half.model.config, "n_positions", 4096))
     dtype = None if cfg.split.activation_dtype == "float32" else cfg.split.activation_dtype
+    saver = TrunkCheckpoints(cfg.output_dir, engine, half.model, cfg) if checkpoints else None
+    if resume and saver is not None:
+        saver.saved = restore_trunk(cfg.output_dir, engine, half.model)
     return TrunkService(
         engine,
         identity,
@@ -275,12 +313,21 @@ def build_service(cfg: JobConfig, identity: Any, enrollment: Any) -> TrunkServic
         shared_settings(cfg, half.model),
         dtype,
         averaging=cfg.split.secure_averaging,
+        checkpoints=saver,
     )
 
 
-def serve(cfg: JobConfig, overwrite: bool = False) -> dict[str, Any]:
-    """Run the trunk server at ``split.address`` until every silo has said goodbye."""
+def serve(cfg: JobConfig, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
+    """Run the trunk server at ``split.address`` until every silo has said goodbye.
+
+    The trunk is checkpointed at the silos' sync steps; ``resume`` continues from the newest.
+    """
     check_split_config(cfg)
+    if resume and cfg.split.trunk_in_enclave:
+        raise ConfigError(
+            "--resume is not available with split.trunk_in_enclave (the enclave's state is sealed "
+            "to its run); start the job again"
+        )
     log.warning("%s", leakage_notice(cfg))
     if cfg.split.trunk_in_enclave:  # the enclave makes its own identity; the host needs none
         enrollment = load_enrollment(cfg.split.keys_dir)
@@ -291,7 +338,7 @@ def serve(cfg: JobConfig, overwrite: bool = False) -> dict[str, Any]:
             "split.tls_dir is not set; the coordinator needs ca.pem, server.pem, server.key"
         )
     tls = load_tls_material(cfg.split.tls_dir, role="server")
-    prepare_output_dir(cfg, resume=False, overwrite=overwrite)
+    prepare_output_dir(cfg, resume=resume, overwrite=overwrite)
     service: Trunk
     if cfg.split.trunk_in_enclave:  # the enclave's process and this one share the machine
         threads = threads_per_process(cfg, 2)
@@ -300,7 +347,7 @@ def serve(cfg: JobConfig, overwrite: bool = False) -> dict[str, Any]:
         service = _start_enclave(cfg, enrollment, platform_key, threads)
     else:
         apply_threads(threads_per_process(cfg))
-        service = build_service(cfg, identity, enrollment)
+        service = build_service(cfg, identity, enrollment, checkpoints=True, resume=resume)
     server = GrpcStreamServer(
         service.handle, cfg.split.address, tls=tls, max_connections=cfg.split.silos + 8
     )
@@ -358,6 +405,7 @@ def _silo_process(
     out_dir: str,
     evaluate_splits: bool,
     threads: int,
+    resume: bool = False,
 ) -> None:
     """Entry point of a spawned silo process; failures go to ``out_dir/error.txt``."""
     import warnings
@@ -369,7 +417,10 @@ def _silo_process(
     out = Path(out_dir)
     try:
         cfg = config_from_dict(cfg_data)
-        run_silo(cfg, name, out, target=target, shard=shard, evaluate_splits=evaluate_splits)
+        run_silo(
+            cfg, name, out, target=target, shard=shard, evaluate_splits=evaluate_splits,
+            resume=resume,
+        )  # fmt: skip
     except BaseException as exc:
         out.mkdir(parents=True, exist_ok=True)
         message = str(exc) if isinstance(exc, SilotuneError) else traceback.format_exc()
@@ -388,10 +439,15 @@ def train_split(
     """Run a split job on this machine: coordinator here, one process per silo, gRPC + TLS."""
     check_split_config(cfg)
     log.warning("%s", leakage_notice(cfg))
-    if resume:
-        raise ConfigError("--resume is not available in mode split; start the run again")
-    prepare_output_dir(cfg, resume=False, overwrite=overwrite)
+    if resume and cfg.split.trunk_in_enclave:
+        raise ConfigError(
+            "--resume is not available with split.trunk_in_enclave (the enclave's state is sealed "
+            "to its run); start the run again"
+        )
+    prepare_output_dir(cfg, resume=resume, overwrite=overwrite)
     out = cfg.output_dir
+    if not resume:  # no silo may later resume from an older run's checkpoints
+        shutil.rmtree(out / SILOS_DIR, ignore_errors=True)
     names = silo_names(cfg.split.silos)
     threads = threads_per_process(cfg, cfg.split.silos + 1)  # coordinator + one per silo
     apply_threads(threads)
@@ -409,7 +465,7 @@ def train_split(
             local.enclave.platform_key = Path(tmp) / "platform.pub"
             service = _start_enclave(local, enrollment, platform, threads)
         else:
-            service = build_service(local, identity, enrollment)
+            service = build_service(local, identity, enrollment, checkpoints=True, resume=resume)
         server = GrpcStreamServer(
             service.handle, "127.0.0.1:0", tls=load_tls_material(tls_dir), max_connections=64
         )
@@ -428,6 +484,7 @@ def train_split(
                     str(out / SILOS_DIR / name),
                     index == 0,
                     threads,
+                    resume,
                 )
                 process = context.Process(target=_silo_process, args=args, name=name, daemon=True)
                 process.start()
@@ -506,11 +563,18 @@ def _merge_outputs(
 
 
 def join(
-    cfg: JobConfig, silo_name: str, shard: int | None = None, overwrite: bool = False
+    cfg: JobConfig,
+    silo_name: str,
+    shard: int | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """``silotune join``: train this silo against ``split.address``; outputs in ``output_dir``."""
+    """``silotune join``: train this silo against ``split.address``; outputs in ``output_dir``.
+
+    ``resume`` continues from this silo's newest checkpoint (its last synced adapter).
+    """
     check_split_config(cfg)
     log.warning("%s", leakage_notice(cfg))
-    prepare_output_dir(cfg, resume=False, overwrite=overwrite)
+    prepare_output_dir(cfg, resume=resume, overwrite=overwrite)
     apply_threads(threads_per_process(cfg))
-    return run_silo(cfg, silo_name, cfg.output_dir, shard=shard)
+    return run_silo(cfg, silo_name, cfg.output_dir, shard=shard, resume=resume)

@@ -191,6 +191,21 @@ class FrameSession:
         except (TransportError, CryptoError, ValueError):
             log.debug("Could not send an error frame to %s.", self.peer_name)
 
+    def last_words(self, timeout: float = 1.0) -> str | None:
+        """The message of an ``error`` frame the peer sent before the connection ended, if any.
+
+        Called after a transport error, so that the silo reports why the coordinator gave up
+        instead of only that the connection closed.
+        """
+        for _ in range(8):  # a few frames may still be queued before the error frame
+            try:
+                self.recv(timeout)
+            except SplitError as exc:
+                return str(exc)
+            except (TransportError, CryptoError, FrameError):
+                return None
+        return None
+
     def close(self) -> None:
         """Close the underlying connection."""
         self.connection.close()

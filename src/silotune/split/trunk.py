@@ -22,6 +22,11 @@ A frame that fails authentication, replays, arrives out of order or breaks the l
 silo's session with a clear log line and an ``error`` frame; the other silos' sessions go on, and
 the half-done step of the silo that left never reaches the trunk adapter.
 
+A silo that dies while the others wait for it leaves the roster (its connection is found
+closed), so they go on without it. An enrolled silo may join again after a crash: once its new
+session has passed the handshake and agreed on the settings, it replaces the old one, whose
+connection is closed and which can no longer act for the silo (see :mod:`~.roster`).
+
 A silo whose shared settings (:mod:`~.agreement`: model, adapter, cut, task, wire dtype,
 averaging, sync cadence) differ from the coordinator's is refused at join, before its first step,
 with one line naming each differing key and both values; the silo compares the answer too.
@@ -71,6 +76,7 @@ __all__ = ["SessionRecord", "Trunk", "TrunkService", "check_activation"]
 
 if TYPE_CHECKING:
     from silotune.config import JobConfig
+    from silotune.split.resume import TrunkCheckpoints
 
 log = logging.getLogger(__name__)
 TRUNK_ADAPTER = "trunk_adapter.safetensors"
@@ -181,7 +187,7 @@ class SessionRecord:
 
     silo: str
     peer: str
-    outcome: str = "open"  # open, finished, refused, rejected, vanished, failed
+    outcome: str = "open"  # open, finished, refused, rejected, vanished, replaced, failed
     detail: str = ""
     steps: int = 0
 
@@ -210,6 +216,8 @@ class TrunkService:
     averaging
         How silo adapters are averaged (``split.secure_averaging``: ``none`` or ``masking``);
         ``None`` lets the first silo that joins fix it for the job.
+    checkpoints
+        Writes the trunk's checkpoints at the silos' sync steps (``None``: none written).
     """
 
     engine: TrunkEngine
@@ -221,6 +229,7 @@ class TrunkService:
     settings: dict[str, Any]
     activation_dtype: str | None = None
     averaging: str | None = None
+    checkpoints: TrunkCheckpoints | None = None
     records: list[SessionRecord] = field(default_factory=list)
     finished: threading.Event = field(default_factory=threading.Event)
 
@@ -276,8 +285,11 @@ class TrunkService:
             if not self._agree_settings(session, record, first):
                 return
             self._agree_averaging(record.silo, first.meta.get("averaging", "none"))
-            self.engine.roster.join(record.silo, examples)
+            # Authenticated and agreed: only now may this session replace an older one.
+            replaced = self.engine.roster.join(record.silo, examples, connection)
             joined = True
+            if replaced is not None:
+                self.engine.drop(record.silo)  # the old session's half-done step goes
             self.engine.add(record.silo)
             log.info("Silo %s joined (%d examples).", record.silo, examples)
             self.engine.roster.wait_for_quorum(self.expected_silos)
@@ -288,17 +300,34 @@ class TrunkService:
             log.error("%s; ending its session (the other silos go on).", record.detail)
             session.send_error(record.detail)
         except (ConnectionClosed, TransportError) as exc:
-            record.outcome, record.detail = "vanished", f"silo {record.silo!r} vanished: {exc}"
+            replaced = joined and self._replaced(record.silo)
+            record.outcome = "replaced" if replaced else "vanished"
+            record.detail = f"silo {record.silo!r} {record.outcome}: {exc}"
             log.warning("%s; the other silos go on.", record.detail)
         except SplitError as exc:
-            record.outcome, record.detail = "failed", str(exc)
-            log.error("Session of silo %s failed: %s", record.silo, exc)
+            roster = self.engine.roster
+            if joined and not roster.holds(record.silo):  # died waiting, or joined again
+                record.outcome = "replaced" if self._replaced(record.silo) else "vanished"
+                record.detail = str(exc)
+                log.warning("%s; the other silos go on.", exc)
+            else:
+                record.outcome, record.detail = "failed", str(exc)
+                log.error("Session of silo %s failed: %s", record.silo, exc)
             session.send_error(str(exc))
         finally:
-            if joined:
+            roster = self.engine.roster
+            # A replaced session leaves its silo's new seat and trunk state alone.
+            if joined and roster.holds(record.silo):
                 self.engine.drop(record.silo)
-                self.engine.roster.leave(record.silo)
+                roster.leave(record.silo)
+            elif joined and record.silo not in roster.seats:  # removed while it waited
+                self.engine.drop(record.silo)
             self._maybe_finished()
+
+    def _replaced(self, silo: str) -> bool:
+        """Whether a newer session of ``silo`` holds its seat (called from the old session)."""
+        roster = self.engine.roster
+        return silo in roster.seats and not roster.holds(silo)
 
     def _agree_settings(self, session: FrameSession, record: SessionRecord, join: Frame) -> bool:
         """Answer a join with this job's settings; refuse (False) a silo whose settings differ."""
@@ -340,6 +369,8 @@ class TrunkService:
         wire = self.activation_dtype
         while True:
             frame = session.recv(self.timeout)
+            if not engine.roster.holds(name):
+                raise SplitError(f"this session of silo {name!r} was replaced by a newer one")
             if frame.kind == KIND_FORWARD:
                 hidden, mask = check_activation(frame, self.hidden_size, self.max_tokens)
                 if frame.meta.get("train", True):
@@ -357,6 +388,8 @@ class TrunkService:
             elif frame.kind == KIND_COMMIT:
                 engine.commit(name, _number(frame.meta, "coef", 0.0, 1.0))
                 record.steps += 1
+                if self.checkpoints is not None:
+                    self.checkpoints.committed(name, frame.step + 1)
             elif frame.kind in (KIND_SYNC, KIND_SECAGG) and self.averaging != (
                 "none" if frame.kind == KIND_SYNC else "masking"
             ):

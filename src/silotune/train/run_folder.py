@@ -54,6 +54,10 @@ RESUMABLE_CHANGES = {
 }
 
 
+# In split mode, also where the coordinator is and which key, TLS and timeout settings a side uses.
+SPLIT_RESUMABLE_CHANGES = {"split.address", "split.keys_dir", "split.tls_dir", "split.timeout_s"}
+
+
 def flatten_keys(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested sections as dotted keys: ``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``."""
     out: dict[str, Any] = {}
@@ -78,16 +82,18 @@ def check_output_dir(cfg: JobConfig, resume: bool, overwrite: bool) -> None:
             raise CheckpointError(f"--resume: {out} holds no checkpoint to resume from")
         saved = flatten_keys(load_config(out / CONFIG_FILE).model_dump(mode="json"))
         now = flatten_keys(cfg.model_dump(mode="json"))
-        unused = ("federation.", "split.")  # sections a centralized run never reads
+        split = cfg.mode == "split"
+        unused = ("federation.",) if split else ("federation.", "split.")  # sections not read
+        allowed = RESUMABLE_CHANGES | (SPLIT_RESUMABLE_CHANGES if split else set())
         changed = sorted(
             k
             for k in now
-            if saved.get(k) != now[k] and k not in RESUMABLE_CHANGES and not k.startswith(unused)
+            if saved.get(k) != now[k] and k not in allowed and not k.startswith(unused)
         )
         if changed:
             raise ConfigError(
                 f"--resume: the config differs from the run in {out} at {', '.join(changed)}; "
-                f"only {', '.join(sorted(RESUMABLE_CHANGES))} may change"
+                f"only {', '.join(sorted(allowed))} may change"
             )
         if (
             saved.get("train.max_steps") != now["train.max_steps"]
