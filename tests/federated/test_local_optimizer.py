@@ -28,8 +28,9 @@ def _two_rounds(cfg, persistent: bool) -> np.ndarray:
 
 
 def test_persistent_moments_equal_one_uninterrupted_optimizer(tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path, "persist", silos=1, min_silos=1, local_steps=STEPS)
-    assert cfg.federation.local_optimizer == "persistent"  # the default
+    cfg = make_cfg(
+        tmp_path, "persist", silos=1, min_silos=1, local_steps=STEPS, local_optimizer="persistent"
+    )
     job = build_job(cfg)
     _, stream = silo._stream(cfg, 0)
     load_flat(job.model, flatten(build_job(cfg).model))

@@ -2,8 +2,7 @@
 
 Same model, data, adapter and optimizer settings in every row. Federated rows run 3 silos on
 Flower's simulation engine for `rounds` rounds of `local_steps` steps each, with the default recipe
-(each silo keeps its AdamW state across rounds, ``federation.local_optimizer: persistent``); the
-centralized row runs ``silos * rounds * local_steps`` steps, i.e. it trains on as many examples
+(``federation.local_optimizer: fresh``, a new AdamW per round); the centralized row runs ``silos * rounds * local_steps`` steps, i.e. it trains on as many examples
 as all silos together. Rows: ``centralized``; ``iid_none``, ``iid_masking``, ``dirichlet_none``,
 ``dirichlet_masking`` (Dirichlet(0.5) label skew), each over every seed; ``iid_he`` on the first
 seed. The table gives mean, min and max test accuracy per row. Then the paired check of

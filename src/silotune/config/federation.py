@@ -68,10 +68,10 @@ class FederationConfig(_Strict):
     proximal_mu: float = Field(
         0.01, ge=0, description="fedprox: weight mu of the (mu/2)*||w - w_global||^2 term"
     )
-    local_optimizer: Literal["persistent", "fresh"] = Field(
-        "persistent",
-        description="persistent: each silo keeps its AdamW moments and step across rounds; "
-        "fresh: a new AdamW every round",
+    local_optimizer: Literal["fresh", "persistent"] = Field(
+        "fresh",
+        description="fresh: a new AdamW every round; persistent: each silo keeps its AdamW "
+        "moments and step across rounds (a resumed job then differs from an uninterrupted one)",
     )
     server_lr: float | None = Field(
         None,
