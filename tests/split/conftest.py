@@ -23,7 +23,7 @@ from silotune.split.runner import build_service
 from silotune.split.session import FrameSession, open_session
 from silotune.split.silo import SplitSilo, TrunkLink
 from silotune.split.trunk import TrunkService
-from silotune.train.loop import make_optimizer, make_scheduler
+from silotune.train.loop import make_optimizer, make_scheduler, train_step
 from silotune.transport import InProcessServer
 from silotune.transport.grpc_stream import GrpcStreamServer, connect
 from silotune.transport.tls import generate_tls_material, load_tls_material
@@ -212,7 +212,6 @@ def make_stream(cfg: JobConfig, half: ModelHalf, shard: int | None = None) -> An
 
 def train_silo(end: SiloEnd, cfg: JobConfig, stream: Any, steps: int) -> list[float]:
     """``steps`` split training steps; returns the losses; says goodbye at the end."""
-    from silotune.train.loop import train_step
 
     losses = []
     for step in range(steps):
@@ -223,3 +222,19 @@ def train_silo(end: SiloEnd, cfg: JobConfig, stream: Any, steps: int) -> list[fl
         losses.append(out.loss)
     end.link.finish()
     return losses
+
+
+def paired_step(job: Any, optimizer: Any, scheduler: Any, end: SiloEnd, cfg: JobConfig, step: int):
+    """One centralized step and the same step through the split silo: ``(want, got)``."""
+    want = train_step(job.model, job.stream, step, optimizer, scheduler, cfg.train, job.device)
+    got = train_step(
+        end.model,
+        job.stream,
+        step,
+        end.optimizer,
+        end.scheduler,
+        cfg.train,
+        job.device,
+        loss_fn=end.model.loss,
+    )
+    return want, got

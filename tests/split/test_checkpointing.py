@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from silotune.train.job import build_job
-from silotune.train.loop import make_optimizer, make_scheduler, train_step
-from tests.split.conftest import open_silo, silo_end, split_cfg, trunk_server
+from silotune.train.loop import make_optimizer, make_scheduler
+from tests.split.conftest import open_silo, paired_step, silo_end, split_cfg, trunk_server
 
 
 def test_checkpointed_split_step_equals_plain_centralized_step(keys_dir):
@@ -21,19 +21,7 @@ def test_checkpointed_split_step_equals_plain_centralized_step(keys_dir):
         head_block = next(iter(end.half.parts.head.blocks.values()))
         assert head_block.gradient_checkpointing  # the silo's blocks really recompute
         for step in range(2):
-            want = train_step(
-                job.model, job.stream, step, optimizer, scheduler, cfg.train, job.device
-            )
-            got = train_step(
-                end.model,
-                job.stream,
-                step,
-                end.optimizer,
-                end.scheduler,
-                cfg.train,
-                job.device,
-                loss_fn=end.model.loss,
-            )
+            want, got = paired_step(job, optimizer, scheduler, end, cfg, step)
             assert got.loss == pytest.approx(want.loss, abs=1e-5)
             assert got.grad_norm == pytest.approx(want.grad_norm, rel=1e-5)
         end.link.finish()

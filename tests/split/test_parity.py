@@ -8,7 +8,7 @@ from peft import get_peft_model_state_dict
 from silotune.split.parts import build_half
 from silotune.train.job import build_job
 from silotune.train.loop import make_optimizer, make_scheduler, train_step
-from tests.split.conftest import open_silo, silo_end, split_cfg, trunk_server
+from tests.split.conftest import open_silo, paired_step, silo_end, split_cfg, trunk_server
 
 TOL = 1e-5
 
@@ -58,19 +58,7 @@ def test_split_steps_equal_centralized_steps(model, mode, head_layers, keys_dir,
     with trunk_server(cfg, keys_dir) as (service, connect_fn):
         end = silo_end(cfg, open_silo(connect_fn, keys_dir, "silo-0"))
         for step in range(2):
-            want = train_step(
-                job.model, job.stream, step, optimizer, scheduler, cfg.train, job.device
-            )
-            got = train_step(
-                end.model,
-                job.stream,
-                step,
-                end.optimizer,
-                end.scheduler,
-                cfg.train,
-                job.device,
-                loss_fn=end.model.loss,
-            )
+            want, got = paired_step(job, optimizer, scheduler, end, cfg, step)
             assert got.loss == pytest.approx(want.loss, abs=TOL)
             assert got.grad_norm == pytest.approx(want.grad_norm, rel=1e-5)
             assert want.grad_norm > cfg.train.max_grad_norm  # clipping really happened
