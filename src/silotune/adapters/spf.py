@@ -267,6 +267,25 @@ def effective_weight(layer: nn.Module) -> torch.Tensor:
     return weight
 
 
+def fold_spf(model: torch.nn.Module) -> int:
+    """Add each SPF delta to its base weight rows and remove the delta and its hook.
+
+    Returns the number of projections folded (0 for an adapter without SPF rows).
+    """
+    deltas = spf_deltas(model)
+    base = unwrap(model)
+    for name, delta in deltas.items():
+        layer = _base_layer(base.get_submodule(name))
+        weight = weight_rows(layer)  # a view of layer.weight, (out, in)
+        with torch.no_grad():
+            weight.index_add_(0, delta.rows, delta.delta.detach().to(weight.dtype))
+        for key, hook in list(layer._forward_hooks.items()):
+            if hook == delta.hook:
+                del layer._forward_hooks[key]
+        delattr(layer, CHILD)
+    return len(deltas)
+
+
 # ------------------------------------------------------------------------------ files
 
 
