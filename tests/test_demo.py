@@ -20,7 +20,7 @@ def test_sections_see_the_same_number_of_examples(tmp_path, model) -> None:
     cent = section_config("centralized", steps, tmp_path / "c", model)
     fed = section_config("federated", steps, tmp_path / "f", model)
     split = section_config("split", steps, tmp_path / "s", model)
-    assert cent.model == fed.model == split.model == model
+    assert cent.model.name == fed.model.name == split.model.name == model
     assert cent.train.max_steps == steps
     fed_steps = fed.federation.silos * fed.federation.rounds * fed.federation.local_steps
     assert fed_steps == steps

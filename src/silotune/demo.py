@@ -95,16 +95,16 @@ def section_config(
             "rounds": FEDERATED_ROUNDS,
             "secure_aggregation": profile.secure_aggregation,
             "local_steps": max(1, steps // (FEDERATED_SILOS * FEDERATED_ROUNDS)),
+            "eval_every": FEDERATED_ROUNDS,  # validation once, after the last round
         }
         job["train"]["max_steps"] = steps
-        job["train"]["eval_every"] = max(1, steps // 4)
     elif section == "split":
         job["split"] = {"silos": SPLIT_SILOS, "server_mode": "client-batching", "sync_every": 4}
         job["train"]["max_steps"] = max(1, steps // SPLIT_SILOS)
-        job["train"]["eval_every"] = 10_000  # evaluated once, at the end
+        job["train"]["eval_every"] = 10_000  # validation once, at the end
     else:
         job["train"]["max_steps"] = steps
-        job["train"]["eval_every"] = max(1, steps // 4)
+        job["train"]["eval_every"] = steps  # validation once, at the end
     return config_from_dict(job, [])
 
 
