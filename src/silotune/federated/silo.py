@@ -96,6 +96,17 @@ def _job(cfg: JobConfig) -> tuple[str, Job]:
     return key, _JOBS[key]
 
 
+def use_local_job(cfg: JobConfig, job: Job) -> None:
+    """Train this process's silos of ``cfg`` on ``job`` instead of building one.
+
+    The adapter enclave (:mod:`silotune.adapter_tee.fed_app`) builds its own job, whose frozen
+    linear layers its host computes on masked tensors, and runs the silo stages on it.
+    """
+    _JOBS.clear()
+    _STREAMS.clear()
+    _JOBS[cfg.model_dump_json()] = job
+
+
 def local_job(cfg: JobConfig) -> Job:
     """The model, task and data the silos of this config train on (built once per process)."""
     return _job(cfg)[1]
