@@ -140,6 +140,7 @@ class FederatedAdapterApp:
         if action not in silo.ACTIONS:
             raise EnclaveError(f"unknown silo stage {action!r}; expected one of {silo.ACTIONS}")
         message = _Relayed(decode_records(meta, tensors))
+        silo.use_local_job(self.cfg, self.job)  # this enclave's model (one app per process on hardware)
         reply = silo.handle(self.cfg, action, message, self.context, self.trust)  # type: ignore[arg-type]
         out_meta, out_values = encode_records(reply)
         out_meta["cost"] = self.offload.take_stats().as_dict()

@@ -24,13 +24,17 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from silotune.adapter_tee.app import check_enclave_job
-from silotune.adapter_tee.fed_app import enrollment_statement, federated_app_config
+from silotune.adapter_tee.fed_app import (
+    FederatedAdapterApp,
+    enrollment_statement,
+    federated_app_config,
+)
 from silotune.adapter_tee.fed_wire import decode_records, encode_records
 from silotune.adapter_tee.masked_linear import FrozenLinearServer
 from silotune.adapter_tee.runner import EnclaveCalls, load_ree_model
 from silotune.config import JobConfig
 from silotune.crypto.identity import Enrollment, IdentityKey
-from silotune.enclave.base import AttestationPolicy, OcallHandler, verify_quote
+from silotune.enclave.base import AttestationPolicy, OcallHandler, Tensors, verify_quote
 from silotune.enclave.measure import measure
 from silotune.enclave.platform import load_platform_key
 from silotune.enclave.simulated import SimulatedEnclave
@@ -43,6 +47,7 @@ from silotune.train.threads import apply_threads, threads_per_process
 
 __all__ = [
     "APP",
+    "LocalSiloEnclave",
     "SiloEnclaves",
     "check_federated_enclave_job",
     "make_enclave_client_app",
@@ -53,8 +58,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 APP = "federated-adapter"
-# (partition, method, meta, values) of a call, before it crosses into the enclave; tests record.
-CallHook = Callable[[int, str, dict[str, Any], dict[str, Any]], None]
+# Wraps silo p's enclave before the run uses it (tests record what crosses the boundary).
+Wrap = Callable[[int, EnclaveCalls], EnclaveCalls]
 
 
 def check_federated_enclave_job(cfg: JobConfig) -> None:
@@ -85,13 +90,49 @@ class SiloEnclaves:
     measurement: bytes
 
 
+class _LocalRuntime:
+    """What the app uses of an enclave runtime, in this process: an identity, the measurement."""
+
+    def __init__(self, app_config: dict[str, Any]) -> None:
+        self.identity = IdentityKey.generate()
+        self.measurement = measure(APP, app_config)
+
+
+class LocalSiloEnclave:
+    """One silo's app called in this process behind the same ``call`` seam (tests, profiling).
+
+    It isolates nothing and cannot be attested; training runs use
+    :class:`~silotune.enclave.simulated.SimulatedEnclave`.
+    """
+
+    def __init__(self, app_config: dict[str, Any]) -> None:
+        self.runtime = _LocalRuntime(app_config)
+        self.measurement = self.runtime.measurement
+        self.app = FederatedAdapterApp(app_config, self.runtime)
+
+    def call(
+        self,
+        method: str,
+        meta: dict[str, Any],
+        tensors: Tensors,
+        ocall: OcallHandler | None = None,
+    ) -> tuple[dict[str, Any], Tensors]:
+        """Run ``method`` of the app here, serving its ocalls with ``ocall``."""
+
+        def refuse(name: str, _m: dict[str, Any], _t: Tensors) -> tuple[dict[str, Any], Tensors]:
+            raise RuntimeError(f"the enclave made an ocall {name!r} but the call has no handler")
+
+        return self.app.handle(method, meta, tensors, ocall or refuse)
+
+
 @contextmanager
-def open_silo_enclaves(cfg: JobConfig) -> Iterator[SiloEnclaves]:
+def open_silo_enclaves(cfg: JobConfig, in_process: bool = False) -> Iterator[SiloEnclaves]:
     """Start one enclave per silo, verify each quote, enroll the quoted keys, sign the roster.
 
     The platform key is ``enclave.platform_key`` or a throwaway one; accepted measurements are
     ``enclave.allowed_measurements`` or, if empty, the one this build computes. A quote for any
     other measurement, platform or nonce raises ``AttestationError`` before anything is enrolled.
+    ``in_process`` runs the apps here instead (:class:`LocalSiloEnclave`: nothing to attest).
     """
     authority = IdentityKey.generate()  # this job's enrollment authority; only its public key is measured
     app_config = federated_app_config(cfg, authority.public)
@@ -109,6 +150,10 @@ def open_silo_enclaves(cfg: JobConfig) -> Iterator[SiloEnclaves]:
         enclaves: dict[int, EnclaveCalls] = {}
         members = {}
         for p in range(silos):
+            if in_process:
+                local = LocalSiloEnclave(app_config)
+                enclaves[p], members[f"silo-{p}"] = local, local.runtime.identity.public_bytes()
+                continue
             enclave = stack.enter_context(
                 SimulatedEnclave.start(APP, app_config, platform, threads=threads)
             )
@@ -130,7 +175,7 @@ def open_silo_enclaves(cfg: JobConfig) -> Iterator[SiloEnclaves]:
 
 
 def make_enclave_client_app(
-    enclaves: Mapping[int, EnclaveCalls], server: OcallHandler, hook: CallHook | None = None
+    enclaves: Mapping[int, EnclaveCalls], server: OcallHandler
 ) -> ClientApp:
     """The silos' ClientApp: each stage is relayed to the node's enclave, its reply relayed back."""
     app = ClientApp()
@@ -140,8 +185,6 @@ def make_enclave_client_app(
             partition = int(context.node_config["partition-id"])  # type: ignore[arg-type]
             meta, values = encode_records(message.content)
             meta["action"] = action
-            if hook is not None:
-                hook(partition, "stage", meta, values)
             out_meta, out_values = enclaves[partition].call("stage", meta, values, server)
             cost = out_meta.pop("cost", {})
             log.debug("silo %d %s: %s", partition, action, cost)
@@ -152,9 +195,17 @@ def make_enclave_client_app(
 
 
 def train_federated_in_enclaves(
-    cfg: JobConfig, resume: bool = False, overwrite: bool = False, progress: bool = True
+    cfg: JobConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    wrap: Wrap | None = None,
+    in_process: bool = False,
 ) -> dict[str, Any]:
     """Run a simulated federated job with every silo's adapter in its own (simulated) enclave.
+
+    ``wrap`` replaces each silo's enclave handle before use (tests record the boundary with it);
+    ``in_process`` calls the silos' apps in this process, unattested (tests, profiling).
 
     Raises
     ------
@@ -172,8 +223,11 @@ def train_federated_in_enclaves(
     prepare_output_dir(cfg, resume=False, overwrite=overwrite)
     ree = load_ree_model(cfg)
     server = FrozenLinearServer.from_model(ree.model)
-    with open_silo_enclaves(cfg) as started:
-        grid = LocalGrid(make_enclave_client_app(started.enclaves, server), cfg.federation.silos)
+    with open_silo_enclaves(cfg, in_process) as started:
+        enclaves = started.enclaves
+        if wrap is not None:
+            enclaves = {p: wrap(p, enclave) for p, enclave in enclaves.items()}
+        grid = LocalGrid(make_enclave_client_app(enclaves, server), cfg.federation.silos)
         with task_identity():
             coordinator = Coordinator(
                 cfg, grid, resume=False, progress=progress, enrollment=started.enrollment
@@ -181,7 +235,7 @@ def train_federated_in_enclaves(
             summary = coordinator.run()
     summary.update(
         adapter_placement="enclave",
-        enclave_backend="simulated",
+        enclave_backend="in-process" if in_process else "simulated",
         enclave_measurement=started.measurement.hex(),
     )
     (cfg.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")

@@ -102,9 +102,11 @@ def use_local_job(cfg: JobConfig, job: Job) -> None:
     The adapter enclave (:mod:`silotune.adapter_tee.fed_app`) builds its own job, whose frozen
     linear layers its host computes on masked tensors, and runs the silo stages on it.
     """
+    key = cfg.model_dump_json()
+    if key not in _JOBS:
+        _STREAMS.clear()  # batch streams of the same config hold the same examples: kept
     _JOBS.clear()
-    _STREAMS.clear()
-    _JOBS[cfg.model_dump_json()] = job
+    _JOBS[key] = job
 
 
 def local_job(cfg: JobConfig) -> Job:
