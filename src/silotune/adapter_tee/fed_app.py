@@ -16,7 +16,9 @@ Methods, in order:
   the enclave finds its own identity in it, and its name ``silo-<p>`` names its data partition.
   A host cannot add or swap peers without the authority's key.
 * ``stage`` ``{"action": ...}`` + a relayed message: one silo stage (``train.<action>``); the
-  reply is relayed back. Updates leave only as a masked vector or an HE ciphertext.
+  reply is relayed back. Updates leave only as a masked vector or an HE ciphertext. With HE, a
+  global adapter that does not follow from the last aggregate this enclave decrypted is refused
+  (:mod:`silotune.adapter_tee.fed_check`).
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from flwr.app import Context, RecordDict
 
 from silotune.adapter_tee.app import build_enclave_job, checked_app_config, enclave_app_config
+from silotune.adapter_tee.fed_check import GlobalCheck
 from silotune.adapter_tee.fed_wire import decode_records, encode_records
 from silotune.adapter_tee.masked_linear import LinearOffload
 from silotune.adapter_tee.masked_stream import MaskStream
@@ -39,6 +43,8 @@ from silotune.enclave.ipc import take_bytes
 from silotune.errors import CryptoError
 from silotune.federated import silo
 from silotune.federated.pinning import SiloTrust
+from silotune.federated.vectors import get_bytes, get_config, get_vector
+from silotune.secagg.he_guard import unpack_contributions
 
 __all__ = ["ENROLL_CONTEXT", "FederatedAdapterApp", "enrollment_statement", "federated_app_config"]
 
@@ -89,6 +95,7 @@ class FederatedAdapterApp:
         self.offload = LinearOffload(MaskStream(seed), mask_std)
         self.job = build_enclave_job(cfg, self.offload)
         silo.use_local_job(cfg, self.job)
+        self.check = GlobalCheck(cfg.federation)
         self.trust: SiloTrust | None = None
         self.context: Context | None = None
 
@@ -139,9 +146,18 @@ class FederatedAdapterApp:
         action = meta.get("action")
         if action not in silo.ACTIONS:
             raise EnclaveError(f"unknown silo stage {action!r}; expected one of {silo.ACTIONS}")
-        message = _Relayed(decode_records(meta, tensors))
+        content = decode_records(meta, tensors)
+        if action == silo.HE_TRAIN:
+            conf = get_config(content)
+            global_vec = get_vector(content, "arrays", "global", np.float32)
+            self.check.trained_from(int(conf["round"]), global_vec)  # type: ignore[arg-type]
         silo.use_local_job(self.cfg, self.job)  # this enclave's model (one app per process on hardware)
+        message = _Relayed(content)
         reply = silo.handle(self.cfg, action, message, self.context, self.trust)  # type: ignore[arg-type]
+        if action == silo.HE_DECRYPT:
+            _, round_id, items = unpack_contributions(get_bytes(content, "arrays", "request"))
+            total = get_vector(reply, "arrays", "sum", np.float32)
+            self.check.decrypted(round_id, total, [item.weight for item in items])
         out_meta, out_values = encode_records(reply)
         out_meta["cost"] = self.offload.take_stats().as_dict()
         return out_meta, out_values
