@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from silotune.adapter_tee.fed_host import check_federated_enclave_job
+from silotune.config import load_config
 from silotune.dispatch import run_job
 from silotune.enclave.base import AttestationError
 from silotune.errors import ConfigError
@@ -64,7 +65,9 @@ def _true_updates(cfg, log) -> dict[int, list[np.ndarray]]:
         if crossing.kind == "in" and crossing.name in TRAIN_STAGES:
             global_vec = crossing.arrays()["arrays/global"].astype(np.float32)
             round_no = int(crossing.meta["configs"]["config"]["round"])
-            result, _, _ = silo.local_round(plain, crossing.partition, global_vec, round_no, None, None)
+            result, _, _ = silo.local_round(
+                plain, crossing.partition, global_vec, round_no, None, None
+            )
             out.setdefault(crossing.partition, []).append(result.values.astype(np.float64))
     return out
 
@@ -79,7 +82,9 @@ def _public(crossing, key: str) -> bool:
 def test_the_host_never_sees_its_silos_update(runs) -> None:
     cfg, _, log, _, _ = runs
     updates = _true_updates(cfg, log)
-    assert sorted(updates) == [0, 1] and all(len(u) == cfg.federation.rounds for u in updates.values())
+    assert sorted(updates) == [0, 1] and all(
+        len(u) == cfg.federation.rounds for u in updates.values()
+    )
     rng = np.random.default_rng(0)
     for us in updates.values():  # the detector sees an update when there is one
         for u in us:
@@ -125,7 +130,11 @@ def test_combinations_the_silo_enclaves_cannot_run_are_refused(
 
 @pytest.mark.parametrize(
     "override",
-    ["federation.secure_aggregation=he", "federation.dp.enabled=true", "federation.pruning.enabled=true"],
+    [
+        "federation.secure_aggregation=he",
+        "federation.dp.enabled=true",
+        "federation.pruning.enabled=true",
+    ],
 )
 def test_supported_combinations_are_accepted(tmp_path: Path, override: str) -> None:
     check_federated_enclave_job(fed_job(tmp_path, override))
@@ -150,3 +159,10 @@ def test_silos_in_simulated_enclave_processes_train_like_plain(tmp_path: Path) -
     assert summary["enclave_backend"] == "simulated" and len(summary["enclave_measurement"]) == 64
     run_plain(cfg, tmp_path / "plain")
     assert adapter_gap(tmp_path / "enclave", tmp_path / "plain") <= TOLERANCE
+
+
+def test_the_recipe_is_a_federated_enclave_job() -> None:
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "federated-enclave-tiny.yaml"
+    cfg = load_config(recipe)
+    check_federated_enclave_job(cfg)
+    assert cfg.adapter.placement == "enclave" and cfg.federation.secure_aggregation == "he"

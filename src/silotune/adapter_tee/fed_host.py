@@ -134,7 +134,9 @@ def open_silo_enclaves(cfg: JobConfig, in_process: bool = False) -> Iterator[Sil
     other measurement, platform or nonce raises ``AttestationError`` before anything is enrolled.
     ``in_process`` runs the apps here instead (:class:`LocalSiloEnclave`: nothing to attest).
     """
-    authority = IdentityKey.generate()  # this job's enrollment authority; only its public key is measured
+    authority = (
+        IdentityKey.generate()
+    )  # this job's enrollment authority; only its public key is measured
     app_config = federated_app_config(cfg, authority.public)
     platform = (
         load_platform_key(cfg.enclave.platform_key)
