@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from silotune.adapter_tee.fed_app import enrollment_statement, federated_app_config
 from silotune.adapter_tee.fed_host import LocalSiloEnclave
+from silotune.adapter_tee.fed_wire import encode_records
 from silotune.crypto.identity import Enrollment, IdentityKey
 from silotune.enclave.base import EnclaveError
-from silotune.errors import AuthenticationError, UnknownIdentityError
+from silotune.errors import AuthenticationError, PolicyError, UnknownIdentityError
 from tests.adapter_tee.fed_harness import fed_job
 
 AUTHORITY = IdentityKey.generate()
@@ -77,3 +80,18 @@ def test_unknown_methods_and_stages_are_refused(enclave: LocalSiloEnclave) -> No
     enclave.call("enroll", {}, _roster(enclave))
     with pytest.raises(EnclaveError, match="unknown silo stage"):
         enclave.call("stage", {"action": "dump_adapter", "configs": {}, "arrays": {}}, {})
+
+
+def test_asked_for_a_plain_update_the_enclave_refuses_before_training(
+    enclave: LocalSiloEnclave,
+) -> None:
+    """The host (or the coordinator) cannot have the enclave release its update in clear."""
+    enclave.call("enroll", {}, _roster(enclave))
+    body = RecordDict()
+    body["config"] = ConfigRecord({"round": 1, "job": "ab" * 16})
+    size = sum(p.numel() for p in enclave.app.job.model.parameters() if p.requires_grad)
+    body["arrays"] = ArrayRecord({"global": Array(np.zeros(size, dtype=np.float32))})
+    meta, values = encode_records(body)
+    with pytest.raises(PolicyError, match="this silo's config demands 'masking'"):
+        enclave.call("stage", {**meta, "action": "plain"}, values)
+    assert enclave.app.offload.take_stats().ocalls == 0  # refused before any training

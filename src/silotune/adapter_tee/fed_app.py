@@ -151,9 +151,8 @@ class FederatedAdapterApp:
             conf = get_config(content)
             global_vec = get_vector(content, "arrays", "global", np.float32)
             self.check.trained_from(int(conf["round"]), global_vec)  # type: ignore[arg-type]
-        silo.use_local_job(
-            self.cfg, self.job
-        )  # this enclave's model (one app per process on hardware)
+        # This enclave's model; several apps share one process only when tests run them here.
+        silo.use_local_job(self.cfg, self.job)
         message = _Relayed(content)
         reply = silo.handle(self.cfg, action, message, self.context, self.trust)  # type: ignore[arg-type]
         if action == silo.HE_DECRYPT:
