@@ -166,3 +166,20 @@ def test_the_recipe_is_a_federated_enclave_job() -> None:
     cfg = load_config(recipe)
     check_federated_enclave_job(cfg)
     assert cfg.adapter.placement == "enclave" and cfg.federation.secure_aggregation == "he"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "check"),
+    [
+        (["federation.dp.enabled=true"], lambda s: s["dp"]["epsilon"] > 0),
+        (
+            ["federation.pruning.enabled=true", "federation.pruning.target_rate=0.5"],
+            lambda s: s["upload_bytes_per_silo_per_round"] > 0,
+        ),
+    ],
+)
+def test_dp_and_pruning_run_inside_the_silo_enclaves(tmp_path: Path, overrides, check) -> None:
+    cfg = fed_job(tmp_path, "federation.rounds=1", *overrides)
+    summary, log = run_recorded(cfg)
+    assert summary["adapter_placement"] == "enclave" and check(summary)
+    assert any(c.kind == "ocall" for c in log)  # the silos trained in their enclaves
