@@ -42,7 +42,7 @@ from silotune.errors import ConfigError
 from silotune.federated import silo
 from silotune.federated.coordinator import Coordinator
 from silotune.federated.local_grid import LocalGrid, task_identity
-from silotune.train.run_folder import SUMMARY_FILE, prepare_output_dir
+from silotune.train.run_folder import SUMMARY_FILE, check_output_dir, reset_output_dir
 from silotune.train.threads import apply_threads, threads_per_process
 
 __all__ = [
@@ -222,10 +222,11 @@ def train_federated_in_enclaves(
         raise ConfigError(
             "--resume is not implemented for mode federated with adapter.placement enclave"
         )
-    prepare_output_dir(cfg, resume=False, overwrite=overwrite)
+    check_output_dir(cfg, resume=False, overwrite=overwrite)
     ree = load_ree_model(cfg)
     server = FrozenLinearServer.from_model(ree.model)
     with open_silo_enclaves(cfg, in_process) as started:
+        reset_output_dir(cfg)  # only now: a refused enclave leaves an old run as it was
         enclaves = started.enclaves
         if wrap is not None:
             enclaves = {p: wrap(p, enclave) for p, enclave in enclaves.items()}
