@@ -12,10 +12,16 @@ def run_job(
     cfg: JobConfig, resume: bool = False, overwrite: bool = False, progress: bool = True
 ) -> dict[str, Any]:
     """Train `cfg`; returns the run summary (also written to `output_dir/summary.json`)."""
-    if cfg.adapter.placement == "enclave" and cfg.mode != "centralized":
+    if cfg.adapter.placement == "enclave" and cfg.mode == "split":
         raise ConfigError(
-            f"adapter.placement enclave runs in mode centralized only, not '{cfg.mode}' (for "
+            "adapter.placement enclave runs in modes centralized and federated, not split (for "
             "split mode the trunk can run in an enclave: split.trunk_in_enclave)"
+        )
+    if cfg.mode == "federated" and cfg.adapter.placement == "enclave":
+        from silotune.adapter_tee.fed_host import train_federated_in_enclaves
+
+        return train_federated_in_enclaves(
+            cfg, resume=resume, overwrite=overwrite, progress=progress
         )
     if cfg.mode == "centralized" and cfg.adapter.placement == "enclave":
         from silotune.adapter_tee.runner import train_in_enclave

@@ -43,13 +43,16 @@ from silotune.errors import ConfigError, ModelError
 from silotune.eval.evaluate import evaluate
 from silotune.models.loading import load_model
 from silotune.models.presets import PRESETS, smollm2_folder
+from silotune.train.job import Job
 from silotune.train.loop import BatchStream, make_optimizer, make_scheduler, train_step
 from silotune.train.schedule import Schedule
 
 __all__ = [
     "ENCLAVE_MODEL_TYPES",
     "AdapterEnclaveApp",
+    "build_enclave_job",
     "check_enclave_job",
+    "checked_app_config",
     "enclave_app_config",
     "model_digest",
 ]
@@ -112,50 +115,69 @@ def enclave_app_config(cfg: JobConfig) -> dict[str, Any]:
     }
 
 
+def checked_app_config(config: dict[str, Any]) -> tuple[JobConfig, float]:
+    """The job and mask scale of a measured app configuration, after checking the model files."""
+    job = config.get("job")
+    mask_std = config.get("mask_std")
+    if not isinstance(job, dict) or not isinstance(mask_std, (int, float)) or mask_std <= 0:
+        raise EnclaveError("the adapter app needs config {'job': {...}, 'mask_std': > 0}")
+    cfg = config_from_dict(job)
+    found = model_digest(cfg.model.name)
+    if found != config.get("model_sha256"):
+        raise EnclaveError(
+            f"the model files of '{cfg.model.name}' hash to {found}, but the measured "
+            f"configuration names {config.get('model_sha256')}; refusing other weights"
+        )
+    return cfg, float(mask_std)
+
+
+def build_enclave_job(cfg: JobConfig, offload: LinearOffload) -> Job:
+    """The job as :func:`~silotune.train.job.build_job` builds it, frozen linears outsourced.
+
+    Same model, same seeded LoRA initialisation, same encoded training split and batch stream;
+    every frozen ``nn.Linear`` is replaced before the adapter wraps it, so the LoRA branches
+    stay here and only the frozen products go to the REE, on masked tensors.
+    """
+    loaded = load_model(cfg.model.name, "cpu", "float32", seed=cfg.train.seed)
+    kind = loaded.model.config.model_type
+    if kind not in ENCLAVE_MODEL_TYPES:
+        raise ConfigError(
+            f"adapter.placement enclave supports model types {', '.join(ENCLAVE_MODEL_TYPES)}; "
+            f"'{cfg.model.name}' is '{kind}'"
+        )
+    outsource_linears(loaded.model, offload)
+    model = attach_adapter(loaded.model, cfg.adapter, seed=cfg.train.seed)
+    splits = load_splits(cfg.data, seed=cfg.train.seed)
+    task = make_task(
+        loaded.tokenizer,
+        cfg.data.task,
+        splits.labels,
+        splits.prompt_template,
+        cfg.data.max_length,
+    )
+    encoded = [task.encode(ex) for ex in splits.train]
+    stream = BatchStream(
+        encoded, cfg.train.batch_size, cfg.train.seed, loaded.tokenizer.pad_token_id
+    )
+    return Job(cfg, model, task, splits, stream, torch.device("cpu"))
+
+
 class AdapterEnclaveApp:
     """See the module docstring; constructed inside the enclave as ``Cls(config, runtime)``."""
 
     def __init__(self, config: dict[str, Any], runtime: Any = None, seed: bytes | None = None):
-        job = config.get("job")
-        mask_std = config.get("mask_std")
-        if not isinstance(job, dict) or not isinstance(mask_std, (int, float)) or mask_std <= 0:
-            raise EnclaveError("the adapter app needs config {'job': {...}, 'mask_std': > 0}")
-        cfg = config_from_dict(job)
-        found = model_digest(cfg.model.name)
-        if found != config.get("model_sha256"):
-            raise EnclaveError(
-                f"the model files of '{cfg.model.name}' hash to {found}, but the measured "
-                f"configuration names {config.get('model_sha256')}; refusing other weights"
-            )
+        cfg, mask_std = checked_app_config(config)
         self.cfg = cfg
         self.runtime = runtime
         self._lock = threading.Lock()
-        device = torch.device("cpu")
-        loaded = load_model(cfg.model.name, "cpu", "float32", seed=cfg.train.seed)
-        kind = loaded.model.config.model_type
-        if kind not in ENCLAVE_MODEL_TYPES:
-            raise ConfigError(
-                f"adapter.placement enclave supports model types {', '.join(ENCLAVE_MODEL_TYPES)}; "
-                f"'{cfg.model.name}' is '{kind}'"
-            )
         # The mask key is made here (os.urandom unless a test fixes it) and never leaves.
-        self.offload = LinearOffload(MaskStream(seed), float(mask_std))
-        self.outsourced = outsource_linears(loaded.model, self.offload)
-        self.model = attach_adapter(loaded.model, cfg.adapter, seed=cfg.train.seed)
-        splits = load_splits(cfg.data, seed=cfg.train.seed)
-        self.splits = splits
-        self.task = make_task(
-            loaded.tokenizer,
-            cfg.data.task,
-            splits.labels,
-            splits.prompt_template,
-            cfg.data.max_length,
-        )
-        encoded = [self.task.encode(ex) for ex in splits.train]
-        self.stream = BatchStream(
-            encoded, cfg.train.batch_size, cfg.train.seed, loaded.tokenizer.pad_token_id
-        )
-        self.device = device
+        self.offload = LinearOffload(MaskStream(seed), mask_std)
+        job = build_enclave_job(cfg, self.offload)
+        self.model = job.model
+        self.splits = job.splits
+        self.task = job.task
+        self.stream = job.stream
+        self.device = job.device
         self.optimizer = make_optimizer(self.model, cfg.train)
         self.scheduler = make_scheduler(self.optimizer, cfg.train)
         # The trainer seeds the global torch RNG with train.seed before step 0 (LoRA dropout);

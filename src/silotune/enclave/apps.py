@@ -18,6 +18,7 @@ APPS: dict[str, str] = {
     "selftest": "silotune.enclave.selftest_app:SelfTestApp",
     "trunk": "silotune.split.trunk_app:TrunkEnclaveApp",
     "adapter": "silotune.adapter_tee.app:AdapterEnclaveApp",
+    "federated-adapter": "silotune.adapter_tee.fed_app:FederatedAdapterApp",
 }
 
 

@@ -96,6 +96,19 @@ def _job(cfg: JobConfig) -> tuple[str, Job]:
     return key, _JOBS[key]
 
 
+def use_local_job(cfg: JobConfig, job: Job) -> None:
+    """Train this process's silos of ``cfg`` on ``job`` instead of building one.
+
+    The adapter enclave (:mod:`silotune.adapter_tee.fed_app`) builds its own job, whose frozen
+    linear layers its host computes on masked tensors, and runs the silo stages on it.
+    """
+    key = cfg.model_dump_json()
+    if key not in _JOBS:
+        _STREAMS.clear()  # batch streams of the same config hold the same examples: kept
+    _JOBS.clear()
+    _JOBS[key] = job
+
+
 def local_job(cfg: JobConfig) -> Job:
     """The model, task and data the silos of this config train on (built once per process)."""
     return _job(cfg)[1]
