@@ -7,16 +7,15 @@ Context across messages, and a ClientApp that raises becomes an error reply, as 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.supercore.task_identity import TaskIdentity
 
 from silotune.config import JobConfig
 from silotune.federated.coordinator import Coordinator
+from silotune.federated.local_grid import task_identity
 from silotune.federated.pinning import simulation_trust
 from silotune.federated.silo import make_client_app
 from silotune.train.run_folder import prepare_output_dir
@@ -71,17 +70,6 @@ class InProcessGrid:
         return replies
 
 
-@contextmanager
-def flower_identity() -> Iterator[None]:
-    """Flower stamps messages with the running task's ids; set them for the test, then clear."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    try:
-        yield
-    finally:
-        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
 def run_in_process(
     cfg: JobConfig,
     mods: list[Any] | None = None,
@@ -93,7 +81,7 @@ def run_in_process(
     prepare_output_dir(cfg, resume, overwrite and not resume)
     trust = simulation_trust(cfg.federation.silos)
     grid = InProcessGrid(make_client_app(cfg, mods, trust), cfg.federation.silos, tamper)
-    with flower_identity():
+    with task_identity():
         coordinator = Coordinator(  # type: ignore[arg-type]
             cfg, grid, resume=resume, progress=False, enrollment=trust[0].enrollment
         )

@@ -338,11 +338,11 @@ def _deployed_grid(tmp_path: Path, cfg: JobConfig, identities: bool):
 def _coordinate(cfg: JobConfig, grid) -> None:
     """Run a coordinator of ``cfg`` over ``grid`` (a fresh output folder)."""
     from silotune.federated.coordinator import Coordinator
+    from silotune.federated.local_grid import task_identity
     from silotune.train.run_folder import prepare_output_dir
-    from tests.federated.harness import flower_identity
 
     prepare_output_dir(cfg, resume=False, overwrite=True)
-    with flower_identity():
+    with task_identity():
         Coordinator(cfg, grid, resume=False, progress=False).run()
 
 
