@@ -105,6 +105,40 @@ ERRORS = [
         ["adapter.target_modules applies to type lora only"],
         id="cross-field",
     ),
+    pytest.param(
+        RECIPE,
+        ["data.task=instruction", "data.instruct.templte=chat"],
+        ["unknown key 'data.instruct.templte'", "did you mean 'template'", "system_prompt"],
+        id="instruct-typo",
+    ),
+    pytest.param(
+        RECIPE,
+        ["data.task=instruction", "data.instruct.template=jinja"],
+        ["'data.instruct.template'", "'auto', 'chat' or 'plain'", "'jinja'"],
+        id="instruct-template",
+    ),
+    pytest.param(
+        RECIPE,
+        ["data.task=instruction", "data.max_length=64", "data.instruct.max_response_length=62"],
+        ["data.instruct.max_response_length 62 leaves 2 prompt tokens", "data.max_length 64"],
+        id="instruct-lengths",
+    ),
+    pytest.param(
+        RECIPE,
+        ["data.task=instruction", "mode=federated"],
+        ["data.task instruction runs in mode centralized only, not 'federated'"],
+        id="instruct-federated",
+    ),
+    pytest.param(
+        RECIPE,
+        ["data.task=instruction", "mode=split"],
+        ["data.task instruction runs in mode centralized only, not 'split'"],
+        id="instruct-split",
+    ),
+    pytest.param(RECIPE, ["eval.top_p=1.5"], ["'eval.top_p'", "1.5"], id="eval-top-p"),
+    pytest.param(
+        RECIPE, ["eval.max_new_tokns=8"], ["did you mean 'max_new_tokens'"], id="eval-typo"
+    ),
     pytest.param("- a\n- b\n", [], ["mapping"], id="top-level-list"),
     pytest.param("train:\n  lr: [1,\n", [], ["not valid YAML", "line"], id="invalid-yaml"),
 ]

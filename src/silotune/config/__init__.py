@@ -132,7 +132,7 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _instruct_lengths_fit(self) -> DataConfig:
-        if self.task != "instruction":
+        if self.task != "instruction" or self.instruct.max_response_length is None:
             return self
         room = self.max_length - self.instruct.max_response_length
         if room < 4:

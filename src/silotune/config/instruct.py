@@ -26,13 +26,13 @@ class InstructConfig(_Strict):
         None,
         gt=0,
         description="prompt tokens kept (cut from the left, leading special tokens kept); "
-        "null = whatever data.max_length leaves after the response",
+        "null = whatever the response leaves of data.max_length",
     )
-    max_response_length: int = Field(
-        128,
+    max_response_length: int | None = Field(
+        None,
         gt=0,
-        description="response tokens kept (cut from the right); prompt + response never exceed "
-        "data.max_length, and the prompt is cut first",
+        description="response tokens kept (cut from the right); null = half of data.max_length. "
+        "Prompt + response never exceed data.max_length; the prompt is cut first",
     )
 
 

@@ -152,8 +152,9 @@ def foldoc_definition(entry: str) -> str | None:
 def jargon_definition(entry: str) -> str | None:
     """The definition in a Jargon File entry: first sense, ``[usage]`` tags and etymology removed."""
     for paragraph in _body_paragraphs(entry):
-        paragraph = re.sub(r"^1\.\s+", "", paragraph)
-        paragraph = re.sub(r"^(\[[^\]]*\]\s*)+", "", paragraph)
+        for _ in range(2):  # "[tag] 1. text" and "1. [tag] text"
+            paragraph = re.sub(r"^(\[[^\]]*\]\s*)+", "", paragraph)
+            paragraph = re.sub(r"^1\.\s+", "", paragraph)
         if not paragraph or paragraph.startswith(("See ", "Syn.", "Var.", "Abbrev.")):
             continue
         return paragraph

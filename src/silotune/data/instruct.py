@@ -14,8 +14,9 @@ last message is the response, every earlier message is the prompt. Two rendering
   usual special tokens (a BOS for Llama-style tokenizers).
 
 Truncation keeps the response: it is cut from the right to ``max_response_length`` tokens, then the
-prompt from the left (keeping the special tokens the tokenizer puts first) to whatever of
-``data.max_length`` (and ``max_prompt_length``) is left. :meth:`InstructionTask.encode_all` logs one
+prompt from the left (keeping the special tokens the tokenizer puts first) to what the response
+leaves of ``data.max_length`` (and to ``max_prompt_length``). A prompt on its own (generation,
+multiple choice) gets what the longest response would leave. :meth:`InstructionTask.encode_all` logs one
 line per split saying how many records were cut.
 """
 
@@ -67,9 +68,12 @@ class InstructionTask:
         self.template = (
             "chat" if cfg.template == "chat" or (cfg.template == "auto" and has_chat) else "plain"
         )
-        self.max_response = min(cfg.max_response_length, max_length - 1)
-        prompt_room = max_length - self.max_response
-        self.max_prompt = min(cfg.max_prompt_length or prompt_room, max_length - 1)
+        wanted = cfg.max_response_length or max_length // 2
+        self.max_response = min(wanted, max_length - 1)
+        # a training prompt may use all that its own response leaves; a prompt alone (generation,
+        # multiple choice) what the longest response would leave
+        self.max_prompt = min(cfg.max_prompt_length or max_length, max_length - 1)
+        self.max_prompt_alone = min(self.max_prompt, max_length - self.max_response)
         self.stop_ids = self._stop_ids()
 
     # ------------------------------------------------------------------ rendering
@@ -163,14 +167,13 @@ class InstructionTask:
         if prompts or responses:
             logger.warning(
                 "instruction %s: cut the prompt of %d and the response of %d of %d records to fit "
-                "data.max_length %d (response at most %d tokens, prompt at most %d)",
+                "data.max_length %d (response at most %d tokens)",
                 split,
                 prompts,
                 responses,
                 len(records),
                 self.max_length,
                 self.max_response,
-                self.max_prompt,
             )
         return encoded
 

@@ -19,10 +19,20 @@ MC_FILE = "multiple_choice.jsonl"
 LETTERS = "ABCDEFGHIJ"
 
 
+def _as_text(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+        for k, v in row.items()
+    }
+
+
 def _rows(path: Path) -> list[tuple[str, Any]]:
-    """``(where, row)`` pairs: JSONL read line by line so errors name the line."""
+    """``(where, row)`` pairs: JSONL read line by line so errors name the line.
+
+    A CSV reader types a cell of digits as a number; such cells are turned back into text.
+    """
     if path.suffix.lower() != ".jsonl":
-        return [(f"row {i}", row) for i, row in enumerate(read_rows(path), start=1)]
+        return [(f"row {i}", _as_text(row)) for i, row in enumerate(read_rows(path), start=1)]
     if not path.is_file():
         raise DataError(f"Data file {path} does not exist.")
     try:
