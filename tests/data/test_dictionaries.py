@@ -133,6 +133,7 @@ def test_the_committed_sample_is_exactly_the_builder_output(tmp_path: Path) -> N
         assert (out / path.name).read_bytes() == path.read_bytes(), path.name
 
 
+@pytest.mark.slow
 @needs_packages
 def test_full_build_is_deterministic_deduplicated_and_leak_free() -> None:
     first = d.build_dictionary_splits(max_chars=120)
