@@ -270,3 +270,11 @@ def test_cli_config_prints_the_validated_recipe(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, result.stdout, "shown.yaml"))
     assert cfg.train.lr == pytest.approx(2e-4)
     assert cfg.train.max_steps == 20 and cfg.train.grad_accum == 1  # defaults filled in
+
+
+@pytest.mark.parametrize(
+    "recipe", ["centralized-instruct-tiny.yaml", "centralized-instruct-smollm2.yaml"]
+)
+def test_instruction_recipes_validate(recipe: str) -> None:
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / recipe)
+    assert (cfg.mode, cfg.data.task) == ("centralized", "instruction")
