@@ -125,15 +125,15 @@ ERRORS = [
     ),
     pytest.param(
         RECIPE,
-        ["data.task=instruction", "mode=federated"],
-        ["data.task instruction runs in mode centralized only, not 'federated'"],
-        id="instruct-federated",
+        ["data.task=instruction", "mode=split"],
+        ["data.task instruction runs in modes centralized and federated, not split"],
+        id="instruct-split",
     ),
     pytest.param(
         RECIPE,
-        ["data.task=instruction", "mode=split"],
-        ["data.task instruction runs in mode centralized only, not 'split'"],
-        id="instruct-split",
+        ["data.task=instruction", "adapter.placement=enclave"],
+        ["data.task instruction does not run with adapter.placement enclave"],
+        id="instruct-enclave",
     ),
     pytest.param(RECIPE, ["eval.top_p=1.5"], ["'eval.top_p'", "1.5"], id="eval-top-p"),
     pytest.param(

@@ -223,9 +223,9 @@ class JobConfig(_Strict):
     def _instruction_modes(self) -> JobConfig:
         if self.data.task != "instruction":
             return self
-        if self.mode != "centralized":
+        if self.mode == "split":
             raise ValueError(
-                f"data.task instruction runs in mode centralized only, not '{self.mode}'"
+                "data.task instruction runs in modes centralized and federated, not split"
             )
         if self.adapter.placement == "enclave":
             raise ValueError(
