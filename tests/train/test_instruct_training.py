@@ -75,3 +75,16 @@ def test_cli_eval_scores_a_trained_adapter(make_job, tmp_path: Path, main_in_pro
         "eval", str(recipe), "--set", "data.dataset=fortunes-sample", cwd=tmp_path
     )
     assert_clean_error(bad, "holds no instruction records")
+
+
+def test_a_bad_record_is_one_cli_line_naming_file_and_line(tmp_path: Path, main_in_process) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    good = json.dumps({"instruction": "a", "output": "b"})
+    (data / "train.jsonl").write_text(f"{good}\n{good}\n", encoding="utf-8")
+    (data / "validation.jsonl").write_text(f"{good}\n", encoding="utf-8")
+    (data / "test.jsonl").write_text(f'{good}\n{{"instruction": "a", "output": ""}}\n', "utf-8")
+    recipe = tmp_path / "job.yaml"
+    recipe.write_text(f"data: {{dataset: {data}, task: instruction}}\n", encoding="utf-8")
+    result = main_in_process("eval", str(recipe), cwd=tmp_path)
+    assert_clean_error(result, f"{data / 'test.jsonl'} line 2: 'output' is empty.")
