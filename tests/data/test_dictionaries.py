@@ -126,9 +126,13 @@ def test_committed_sample_is_well_formed_and_leak_free() -> None:
 
 
 @needs_packages
-def test_the_committed_sample_is_exactly_the_builder_output(tmp_path: Path) -> None:
-    built = d.build_sample()
-    out = d.write_dataset(built, tmp_path / "s", overwrite=False, provenance=d.sample_provenance())
+def test_the_committed_sample_is_exactly_the_documented_rebuild(
+    tmp_path: Path, main_in_process
+) -> None:
+    out = tmp_path / "s"
+    result = main_in_process("data", "dictionaries", "--sample", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in d.SAMPLE_DIR.iterdir())
     for path in sorted(d.SAMPLE_DIR.iterdir()):
         assert (out / path.name).read_bytes() == path.read_bytes(), path.name
 
