@@ -158,3 +158,13 @@ def test_multiple_choice_prompt_and_letters(tok) -> None:
     )
     assert mc_user_message("Q", ["x", "y", "z"]).splitlines()[1:4] == ["A. x", "B. y", "C. z"]
     assert [tok.decode(ids) for ids in task.letter_ids(4)] == ["A", "B", "C", "D"]
+
+
+def test_multiple_choice_prompts_may_use_the_whole_length(tok) -> None:
+    task = InstructionTask(tok, InstructConfig(max_response_length=60), max_length=64)
+    record = {"question": "Which?", "choices": ["x", "y"], "answer": "A"}
+    ids, cut = task.mc_prompt_parts(record)
+    assert not cut and len(ids) > 64 - 60  # more than a training prompt's room
+    long = {**record, "choices": ["x " * 40, "y " * 40]}
+    ids, cut = task.mc_prompt_parts(long)
+    assert cut and len(ids) == 63  # one token left for the answer letter

@@ -108,8 +108,11 @@ def test_multiple_choice_accuracy_equals_full_forward_argmax(tiny, splits) -> No
         with torch.no_grad():
             last = model(input_ids=prompt).logits[0, -1]
         hits += "ABCD"[int(last[letters].argmax())] == record["answer"]
-    got = multiple_choice_accuracy(model, task, records, batch_size=5, device=CPU)
+    got, cut = multiple_choice_accuracy(model, task, records, batch_size=5, device=CPU)
     assert got == hits / len(records)
+    assert cut == sum(task.mc_prompt_parts(r)[1] for r in records) > 0  # max_length 96 is short
+    roomy = InstructionTask(task.tokenizer, InstructConfig(), max_length=320)
+    assert multiple_choice_accuracy(model, roomy, records, 5, CPU)[1] == 0
 
 
 def test_evaluate_reports_the_instruction_metrics(tiny, splits) -> None:
@@ -129,7 +132,7 @@ def test_evaluate_reports_the_instruction_metrics(tiny, splits) -> None:
     )
     assert set(full) == {
         "loss", "perplexity", "rouge_l", "exact_match", "generated", "mc_accuracy",
-        "mc_examples", "examples",
+        "mc_examples", "mc_truncated", "examples",
     }  # fmt: skip
     assert full["generated"] == 4 and full["mc_examples"] == 4
     assert not model.training

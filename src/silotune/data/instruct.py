@@ -179,10 +179,20 @@ class InstructionTask:
 
     # ------------------------------------------------------------------ multiple choice
 
-    def mc_prompt_ids(self, record: dict[str, Any]) -> list[int]:
-        """The prompt of a multiple-choice record; its answer is one letter after it."""
+    def mc_prompt_parts(self, record: dict[str, Any]) -> tuple[list[int], bool]:
+        """The prompt of a multiple-choice record, and whether it was cut to fit.
+
+        Its answer is one letter, so the prompt may use all of ``data.max_length`` but one token
+        (and at most ``max_prompt_length``); a longer one is cut from the left like any prompt.
+        """
         user = {"role": "user", "content": mc_user_message(record["question"], record["choices"])}
-        return self.prompt_ids([user, {"role": "assistant", "content": "A"}])
+        prompt, _ = self.render([user, {"role": "assistant", "content": "A"}])
+        ids = self._ids(prompt, special=self.template == "plain")
+        return self._cut_prompt(ids, self.max_prompt), len(ids) > self.max_prompt
+
+    def mc_prompt_ids(self, record: dict[str, Any]) -> list[int]:
+        """The prompt of a multiple-choice record (see `mc_prompt_parts`)."""
+        return self.mc_prompt_parts(record)[0]
 
     def letter_ids(self, count: int) -> list[list[int]]:
         """Token ids of the answer letters ``A``, ``B``, ... (the first `count`)."""

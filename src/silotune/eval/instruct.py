@@ -8,11 +8,13 @@
   collapsed); ROUGE-L is the F-measure of the longest common subsequence of whitespace tokens.
 - ``mc_accuracy``: multiple-choice records scored MMLU-style, by the log-likelihood of each answer
   letter after the question and its lettered choices, all letters in one pass over the prompt
-  (:func:`silotune.eval.one_pass.score_one_pass`).
+  (:func:`silotune.eval.one_pass.score_one_pass`). A prompt longer than ``data.max_length``
+  allows is cut from the left; ``mc_truncated`` counts them (and a warning says so).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -24,6 +26,8 @@ from silotune.data.tasks import IGNORE_INDEX, collate
 from silotune.eval.metrics import exact_match, mean_rouge_l_normalized, perplexity
 from silotune.eval.one_pass import score_one_pass
 from silotune.progress import ProgressHook
+
+logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -102,14 +106,17 @@ def multiple_choice_accuracy(
     records: list[dict[str, Any]],
     batch_size: int,
     device: torch.device,
-) -> float:
-    """Share of records whose answer letter is the most likely one after the question."""
+) -> tuple[float, int]:
+    """Share of records whose answer letter is the most likely one after the question, and how
+    many prompts were cut to fit ``data.max_length`` (their scores are then less meaningful)."""
     by_count: dict[int, list[dict[str, Any]]] = {}
     for record in records:
         by_count.setdefault(len(record["choices"]), []).append(record)
-    hits = 0
+    hits, cut = 0, 0
     for count, group in sorted(by_count.items()):
-        prompts = [task.mc_prompt_ids(r) for r in group]
+        parts = [task.mc_prompt_parts(r) for r in group]
+        prompts = [ids for ids, _ in parts]
+        cut += sum(was_cut for _, was_cut in parts)
         letters = task.letter_ids(count)
         longest = max(len(p) for p in prompts) + max(len(ids) for ids in letters)
         scores = score_one_pass(
@@ -117,7 +124,15 @@ def multiple_choice_accuracy(
         )  # (N, count)
         picked = scores.argmax(dim=1).tolist()
         hits += sum(chr(ord("A") + p) == r["answer"] for p, r in zip(picked, group, strict=True))
-    return hits / len(records)
+    if cut:
+        logger.warning(
+            "multiple choice: %d of %d prompts were longer than data.max_length %d allows and "
+            "were cut from the left; raise data.max_length to score them whole",
+            cut,
+            len(records),
+            task.max_length,
+        )
+    return hits / len(records), cut
 
 
 def evaluate_instruction(
@@ -161,10 +176,10 @@ def evaluate_instruction(
         scores["generated"] = float(len(chosen))
     tick()
     if multiple_choice:
-        scores["mc_accuracy"] = multiple_choice_accuracy(
-            model, task, multiple_choice, batch_size, device
-        )
+        accuracy, cut = multiple_choice_accuracy(model, task, multiple_choice, batch_size, device)
+        scores["mc_accuracy"] = accuracy
         scores["mc_examples"] = float(len(multiple_choice))
+        scores["mc_truncated"] = float(cut)
     tick()
     scores["examples"] = float(len(records))
     model.train(was_training)
