@@ -105,6 +105,40 @@ ERRORS = [
         ["adapter.target_modules applies to type lora only"],
         id="cross-field",
     ),
+    pytest.param(
+        RECIPE,
+        ["data.task=instruction", "data.instruct.templte=chat"],
+        ["unknown key 'data.instruct.templte'", "did you mean 'template'", "system_prompt"],
+        id="instruct-typo",
+    ),
+    pytest.param(
+        RECIPE,
+        ["data.task=instruction", "data.instruct.template=jinja"],
+        ["'data.instruct.template'", "'auto', 'chat' or 'plain'", "'jinja'"],
+        id="instruct-template",
+    ),
+    pytest.param(
+        RECIPE,
+        ["data.task=instruction", "data.max_length=64", "data.instruct.max_response_length=62"],
+        ["data.instruct.max_response_length 62 leaves 2 prompt tokens", "data.max_length 64"],
+        id="instruct-lengths",
+    ),
+    pytest.param(
+        RECIPE,
+        ["data.task=instruction", "mode=split"],
+        ["data.task instruction runs in modes centralized and federated, not split"],
+        id="instruct-split",
+    ),
+    pytest.param(
+        RECIPE,
+        ["data.task=instruction", "adapter.placement=enclave"],
+        ["data.task instruction does not run with adapter.placement enclave"],
+        id="instruct-enclave",
+    ),
+    pytest.param(RECIPE, ["eval.top_p=1.5"], ["'eval.top_p'", "1.5"], id="eval-top-p"),
+    pytest.param(
+        RECIPE, ["eval.max_new_tokns=8"], ["did you mean 'max_new_tokens'"], id="eval-typo"
+    ),
     pytest.param("- a\n- b\n", [], ["mapping"], id="top-level-list"),
     pytest.param("train:\n  lr: [1,\n", [], ["not valid YAML", "line"], id="invalid-yaml"),
 ]
@@ -236,3 +270,11 @@ def test_cli_config_prints_the_validated_recipe(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, result.stdout, "shown.yaml"))
     assert cfg.train.lr == pytest.approx(2e-4)
     assert cfg.train.max_steps == 20 and cfg.train.grad_accum == 1  # defaults filled in
+
+
+@pytest.mark.parametrize(
+    "recipe", ["centralized-instruct-tiny.yaml", "centralized-instruct-smollm2.yaml"]
+)
+def test_instruction_recipes_validate(recipe: str) -> None:
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / recipe)
+    assert (cfg.mode, cfg.data.task) == ("centralized", "instruction")

@@ -189,6 +189,37 @@ def data_fortunes(
     console.print(f"wrote {out} ({sizes})")
 
 
+@data_app.command("dictionaries")
+def data_dictionaries(
+    out: Annotated[Path, typer.Option(help="Folder for the split and multiple-choice JSONL.")],
+    seed: Annotated[int, typer.Option(help="Seed of the split assignment and draws.")] = 0,
+    max_chars: Annotated[int, typer.Option(help="Longest definition kept (characters).")] = 300,
+    sample: Annotated[
+        bool, typer.Option(help="Write the bundled dictionaries-sample exactly instead.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace files already in --out.")] = False,
+) -> None:
+    """Build "define this term" instruction data from FOLDOC, the Jargon File and WordNet."""
+    from silotune.data import dictionaries as d
+
+    missing = d.packages_missing()
+    if missing:
+        from silotune.errors import DataError
+
+        raise DataError(
+            f"the Debian packages {', '.join(missing)} are not installed; run "
+            f"'apt-get install {' '.join(missing)}'"
+        )
+    if sample:
+        splits, provenance = d.build_sample(), d.sample_provenance()
+    else:
+        splits = d.build_dictionary_splits(seed=seed, max_chars=max_chars)
+        provenance = {"name": out.name, "seed": seed, "max_chars": max_chars}
+    d.write_dataset(splits, out, overwrite=overwrite, provenance=provenance)
+    sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+    console.print(f"wrote {out} ({sizes})")
+
+
 @models_app.command("list")
 def models_list() -> None:
     """List the built-in presets."""

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 __all__ = ["REPORT_HTML", "Report", "Run", "load_run", "plot_run", "write_report"]
 
 REPORT_HTML = "report.html"
-SCORE_KEYS = ("accuracy", "macro_f1", "rouge_l")  # evaluation scores in [0, 1]
+SCORE_KEYS = ("accuracy", "macro_f1", "rouge_l", "exact_match", "mc_accuracy")  # scores in [0, 1]
 UNUSED_SECTIONS = {  # config sections a mode never reads: left out of the settings table
     "centralized": ("federation", "split"),
     "federated": ("split",),
@@ -265,6 +265,8 @@ def _scores_figure(run: Run) -> Figure | None:
     for (key, silo), (xs, ys) in sorted(tests.items()):
         label = _label(silo, f"test {key}")
         color = colors.get((key, silo))  # the test point in its validation curve's colour
+        if color is None:  # a test-only score (instruction's mc_accuracy): a colour of its own
+            color = colors[key, silo] = f"C{len(colors) % 10}"
         axes.scatter(xs, ys, marker="*", s=140, zorder=3, color=color, label=label)
     axes.set_ylim(-0.02, 1.02)
     axes.legend(fontsize="small")

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from silotune.config.enclave import EnclaveConfig
 from silotune.config.federation import FederationConfig
+from silotune.config.instruct import EvalConfig, InstructConfig
 from silotune.config.split import SplitConfig
 from silotune.errors import ConfigError
 
@@ -99,16 +100,27 @@ class DataConfig(_Strict):
 
     dataset: str = Field(
         "fortunes-sample",
-        description="fortunes-sample (bundled), fortunes (Debian package), or a folder holding "
-        "train/validation/test files (JSONL, JSON, CSV or Parquet)",
+        description="fortunes-sample (bundled), fortunes (Debian package), dictionaries-sample "
+        "(bundled, task instruction), dictionaries (Debian packages, task instruction), or a "
+        "folder holding train/validation/test files (JSONL, JSON, CSV or Parquet)",
     )
-    task: Literal["classification", "lm"] = Field("classification", description="task kind")
-    max_length: int = Field(128, ge=8, le=8192, description="tokens per example, prompt + label")
+    task: Literal["classification", "lm", "instruction"] = Field(
+        "classification",
+        description="classification (label likelihood), lm (every token), instruction "
+        "(prompt -> response, loss on the response; docs/instruct.md)",
+    )
+    max_length: int = Field(
+        128, ge=8, le=8192, description="tokens per example, prompt + label (or response)"
+    )
     prompt_template: str | None = Field(
         None, description="classification prompt with {text}; default depends on the dataset"
     )
     max_eval_examples: int | None = Field(
         None, gt=0, description="evaluate on at most this many examples per split (None = all)"
+    )
+    instruct: InstructConfig = Field(
+        default_factory=InstructConfig,
+        description="prompt template and lengths of task: instruction",
     )
 
     @field_validator("prompt_template")
@@ -117,6 +129,18 @@ class DataConfig(_Strict):
         if value is not None and "{text}" not in value:
             raise ValueError("must contain the placeholder {text}")
         return value
+
+    @model_validator(mode="after")
+    def _instruct_lengths_fit(self) -> DataConfig:
+        if self.task != "instruction" or self.instruct.max_response_length is None:
+            return self
+        room = self.max_length - self.instruct.max_response_length
+        if room < 4:
+            raise ValueError(
+                f"data.instruct.max_response_length {self.instruct.max_response_length} leaves "
+                f"{room} prompt tokens in data.max_length {self.max_length}; keep at least 4"
+            )
+        return self
 
 
 class TrainConfig(_Strict):
@@ -165,6 +189,7 @@ class JobConfig(_Strict):
     federation: FederationConfig = Field(default_factory=FederationConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     enclave: EnclaveConfig = Field(default_factory=EnclaveConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @field_validator("model", mode="before")
     @classmethod
@@ -191,6 +216,20 @@ class JobConfig(_Strict):
             raise ValueError(
                 "train.gradient_checkpointing does not work with prefix adapters (PEFT refuses "
                 "it: the checkpointed blocks would drop the prefix); use adapter.type lora"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _instruction_modes(self) -> JobConfig:
+        if self.data.task != "instruction":
+            return self
+        if self.mode == "split":
+            raise ValueError(
+                "data.task instruction runs in modes centralized and federated, not split"
+            )
+        if self.adapter.placement == "enclave":
+            raise ValueError(
+                "data.task instruction does not run with adapter.placement enclave; use ree"
             )
         return self
 

@@ -79,8 +79,11 @@ class FederationConfig(_Strict):
         description="server step on the averaged update; default 1.0 (fedavg, fedprox: plain "
         "averaging) or 0.01 (fedadam)",
     )
-    partition: Literal["iid", "dirichlet"] = Field(
-        "iid", description="how data is split (simulation)"
+    partition: Literal["iid", "dirichlet", "domain"] = Field(
+        "iid",
+        description="how data is split (simulation): iid; dirichlet = label-skewed (label, or "
+        "domain for task instruction); domain = whole labels/domains per silo, one each when "
+        "silos equals their number",
     )
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration for partition: dirichlet")
     secure_aggregation: Literal["none", "masking", "he"] = Field(

@@ -170,6 +170,29 @@ def load_split_file(path: Path, require_label: bool = True) -> list[dict[str, st
     return records
 
 
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Every row of a JSON, CSV or Parquet file as a dict (instruction data: any columns).
+
+    Raises DataError for a missing, empty, non-UTF-8 or malformed file, like `load_split_file`.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in BUILDERS:
+        raise DataError(f"{path} has an unsupported extension; allowed extensions: {ALLOWED}.")
+    if not path.is_file():
+        raise DataError(f"Data file {path} does not exist.")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DataError(f"Data file {path} is empty.")
+    if BUILDERS[path.suffix.lower()] != "parquet":
+        _check_utf8(path, raw)
+    with _quiet_progress_bars():
+        try:
+            dataset = _read_table(path)
+        except Exception as exc:  # datasets wraps parser errors in several exception types
+            raise _read_error(path, exc) from exc
+    return [dict(row) for row in dataset]
+
+
 def find_split_files(directory: Path) -> dict[str, Path]:
     """Map each split name found in `directory` to its file (``<split>.<ext>``, one per split)."""
     directory = Path(directory)

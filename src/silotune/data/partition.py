@@ -1,4 +1,4 @@
-"""Split one dataset's indices across silos: IID, or label-skewed by a Dirichlet distribution.
+"""Split one dataset's indices across silos: IID, label-skewed (Dirichlet), or whole groups per silo.
 
 Implemented with a seeded ``numpy.random.Generator`` (partitioning is not security code) rather
 than flwr-datasets' ``IidPartitioner``/``DirichletPartitioner``: those work on a
@@ -135,3 +135,38 @@ def partition_dirichlet(
         f"No Dirichlet partition with alpha={alpha} gave all {n_parts} parts at least "
         f"{min_size} examples in {max_retries + 1} draws; raise alpha or lower min_size/n_parts."
     )
+
+
+def partition_groups(groups: Sequence[str], n_parts: int) -> list[list[int]]:
+    """Give each part whole groups (domains): sorted group ``k`` goes to part ``k % n_parts``.
+
+    Parameters
+    ----------
+    groups : sequence of str
+        The group (e.g. the ``domain`` of an instruction record) of each example.
+    n_parts : int
+        Number of parts (silos), between 1 and the number of distinct groups.
+
+    Returns
+    -------
+    list[list[int]]
+        `n_parts` sorted index lists; every index appears in exactly one part, and no group is
+        split between parts. With as many parts as groups, each part holds exactly one group.
+
+    Raises
+    ------
+    DataError
+        If there are fewer distinct groups than parts.
+    """
+    _check_n_parts(n_parts, len(groups))
+    names = sorted({str(g) for g in groups})
+    if len(names) < n_parts:
+        raise DataError(
+            f"Cannot give each of {n_parts} parts a whole group: the data has {len(names)} "
+            f"({', '.join(repr(n) for n in names)}); use at most {len(names)} parts."
+        )
+    owner = {name: k % n_parts for k, name in enumerate(names)}
+    parts: list[list[int]] = [[] for _ in range(n_parts)]
+    for index, group in enumerate(groups):
+        parts[owner[str(group)]].append(index)
+    return parts

@@ -1,13 +1,18 @@
-"""Turn examples into token ids for the two tasks (classification-as-generation and LM) and batch them."""
+"""Turn examples into token ids (classification-as-generation, LM, instruction) and batch them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from silotune.errors import DataError
+
+if TYPE_CHECKING:
+    from silotune.config.instruct import InstructConfig
+    from silotune.data.instruct import InstructionTask
 
 IGNORE_INDEX = -100  # label value that cross-entropy skips (prompt and padding positions)
 
@@ -129,10 +134,16 @@ def make_task(
     labels: list[str],
     template: str,
     max_length: int,
-) -> ClassificationTask | LanguageModelingTask:
-    """Build the task object named by `data.task`."""
+    instruct: InstructConfig | None = None,
+) -> ClassificationTask | LanguageModelingTask | InstructionTask:
+    """Build the task object named by `data.task` (`instruct`: `data.instruct`, for instruction)."""
     if task == "classification":
         return ClassificationTask(tokenizer, labels, template, max_length)
     if task == "lm":
         return LanguageModelingTask(tokenizer, max_length)
-    raise DataError(f"unknown data.task '{task}' (allowed: classification, lm)")
+    if task == "instruction":
+        from silotune.config.instruct import InstructConfig
+        from silotune.data.instruct import InstructionTask
+
+        return InstructionTask(tokenizer, instruct or InstructConfig(), max_length)
+    raise DataError(f"unknown data.task '{task}' (allowed: classification, lm, instruction)")

@@ -1,13 +1,17 @@
-"""Evaluate a causal LM on a task: label log-likelihood classification, or LM loss and ROUGE-L."""
+"""Evaluate a causal LM on a task: label log-likelihood classification, LM loss and ROUGE-L, instruction."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
+from silotune.config.instruct import EvalConfig
+from silotune.data.instruct import InstructionTask
 from silotune.data.tasks import ClassificationTask, Encoded, LanguageModelingTask, collate
+from silotune.eval.instruct import evaluate_instruction
 from silotune.eval.metrics import accuracy, macro_f1, mean_rouge_l
 from silotune.eval.one_pass import score_one_pass
 from silotune.progress import ProgressHook
@@ -166,13 +170,33 @@ def evaluate_lm(
 
 def evaluate(
     model: nn.Module,
-    task: ClassificationTask | LanguageModelingTask,
+    task: ClassificationTask | LanguageModelingTask | InstructionTask,
     examples: list[dict],
     batch_size: int,
     device: torch.device,
     on_progress: ProgressHook | None = None,
+    eval_cfg: EvalConfig | None = None,
+    generate_for: int | None = None,
+    multiple_choice: list[dict[str, Any]] | None = None,
 ) -> dict[str, float]:
-    """Evaluate with the metrics of the task's kind."""
+    """Evaluate with the metrics of the task's kind.
+
+    The last three arguments apply to instruction only (:mod:`silotune.eval.instruct`):
+    decoding settings, how many examples get a generated response (None = all) and the
+    multiple-choice records to score.
+    """
+    if isinstance(task, InstructionTask):
+        return evaluate_instruction(
+            model,
+            task,
+            examples,
+            batch_size,
+            device,
+            eval_cfg,
+            generate_for,
+            multiple_choice,
+            on_progress,
+        )
     if isinstance(task, ClassificationTask):
         return evaluate_classification(model, task, examples, batch_size, device, on_progress)
     return evaluate_lm(model, task, examples, batch_size, device, on_progress=on_progress)

@@ -1,4 +1,4 @@
-"""Evaluation metrics: accuracy, macro-F1, ROUGE-L and perplexity, in plain Python."""
+"""Evaluation metrics: accuracy, macro-F1, ROUGE-L, exact match and perplexity, in plain Python."""
 
 from __future__ import annotations
 
@@ -114,6 +114,24 @@ def mean_rouge_l(preds: Sequence[str], refs: Sequence[str]) -> float:
     """Mean of `rouge_l` over aligned prediction/reference pairs (same non-zero length)."""
     _check_pairs(preds, refs, "mean_rouge_l")
     return sum(rouge_l(p, r) for p, r in zip(preds, refs, strict=True)) / len(refs)
+
+
+def normalize_answer(text: str) -> str:
+    """The form exact match compares: stripped, lower-cased, runs of whitespace made one space."""
+    return " ".join(text.lower().split())
+
+
+def exact_match(preds: Sequence[str], refs: Sequence[str]) -> float:
+    """Fraction of predictions equal to their reference after `normalize_answer` (same length)."""
+    _check_pairs(preds, refs, "exact_match")
+    hits = sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(preds, refs, strict=True))
+    return hits / len(refs)
+
+
+def mean_rouge_l_normalized(preds: Sequence[str], refs: Sequence[str]) -> float:
+    """Mean ROUGE-L F of the `normalize_answer` forms (case-insensitive; punctuation kept)."""
+    _check_pairs(preds, refs, "mean_rouge_l_normalized")
+    return mean_rouge_l([normalize_answer(p) for p in preds], [normalize_answer(r) for r in refs])
 
 
 def perplexity(mean_loss: float) -> float:

@@ -23,7 +23,12 @@ def evaluate_job(
     loaded = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype, seed=cfg.train.seed)
     splits = load_splits(cfg.data, seed=cfg.train.seed)
     task = make_task(
-        loaded.tokenizer, cfg.data.task, splits.labels, splits.prompt_template, cfg.data.max_length
+        loaded.tokenizer,
+        cfg.data.task,
+        splits.labels,
+        splits.prompt_template,
+        cfg.data.max_length,
+        cfg.data.instruct,
     )
     model = loaded.model
     if adapter_dir is not None:
@@ -31,4 +36,14 @@ def evaluate_job(
     examples = splits.validation if split == "validation" else splits.test
     with progress_bar(progress) as bar:
         hook = progress_hook(bar, f"evaluate {split}")
-        return evaluate(model, task, examples, cfg.train.eval_batch_size, loaded.device, hook)
+        mc = splits.multiple_choice if split == "test" and cfg.eval.multiple_choice else None
+        return evaluate(
+            model,
+            task,
+            examples,
+            cfg.train.eval_batch_size,
+            loaded.device,
+            hook,
+            eval_cfg=cfg.eval,
+            multiple_choice=mc,
+        )

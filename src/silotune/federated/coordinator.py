@@ -173,7 +173,16 @@ class Coordinator:
         train_s = time.perf_counter() - clock
         save_adapter(self.job.model, out / ADAPTER_DIR)
         j = self.job
-        test = evaluate(j.model, j.task, j.splits.test, cfg.train.eval_batch_size, j.device)
+        mc = j.splits.multiple_choice if cfg.eval.multiple_choice else None
+        test = evaluate(
+            j.model,
+            j.task,
+            j.splits.test,
+            cfg.train.eval_batch_size,
+            j.device,
+            eval_cfg=cfg.eval,
+            multiple_choice=mc,
+        )
         metrics.write({"step": fed.rounds, "round": fed.rounds, "split": "test", **test})
         upload = float(np.mean(self.upload_bytes)) if self.upload_bytes else None
         summary = write_summary(
@@ -222,7 +231,13 @@ class Coordinator:
         metrics.write(record)
         if Schedule.rounds(cfg).evaluates(round_no):
             scores = evaluate(
-                j.model, j.task, j.splits.validation, cfg.train.eval_batch_size, j.device
+                j.model,
+                j.task,
+                j.splits.validation,
+                cfg.train.eval_batch_size,
+                j.device,
+                eval_cfg=cfg.eval,
+                generate_for=cfg.eval.generation_examples,  # periodic: capped, stays cheap
             )
             metrics.write({"step": round_no, "round": round_no, "split": "validation", **scores})
             log.info("round %d validation %s", round_no, format_scores(scores))

@@ -25,7 +25,7 @@ from numpy.typing import NDArray
 from silotune.config import JobConfig, load_config
 from silotune.crypto import box as sealing
 from silotune.crypto import he
-from silotune.data.partition import partition_dirichlet, partition_iid
+from silotune.data.partition import partition_dirichlet, partition_groups, partition_iid
 from silotune.errors import ConfigError
 from silotune.federated import dp
 from silotune.federated.pinning import SiloTrust
@@ -120,9 +120,15 @@ def silo_indices(cfg: JobConfig, job: Job, partition: int) -> list[int]:
     n = len(job.splits.train)
     if fed.partition == "iid":
         return partition_iid(n, fed.silos, cfg.train.seed)[partition]
-    if cfg.data.task != "classification":
-        raise ConfigError("federation.partition dirichlet needs data.task classification")
-    labels = [ex["label"] for ex in job.splits.train]
+    if cfg.data.task == "lm":
+        raise ConfigError(
+            f"federation.partition {fed.partition} needs labels (task classification) or "
+            "domains (task instruction); data.task lm has neither"
+        )
+    key = "domain" if cfg.data.task == "instruction" else "label"
+    labels = [str(ex.get(key, "")) for ex in job.splits.train]
+    if fed.partition == "domain":
+        return partition_groups(labels, fed.silos)[partition]
     return partition_dirichlet(labels, fed.silos, fed.alpha, cfg.train.seed)[partition]
 
 

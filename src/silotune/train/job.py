@@ -9,6 +9,7 @@ from peft import PeftModel
 
 from silotune.adapters.peft_adapters import attach_adapter
 from silotune.config import JobConfig
+from silotune.data.instruct import InstructionTask
 from silotune.data.registry import DatasetSplits, load_splits
 from silotune.data.tasks import ClassificationTask, LanguageModelingTask, make_task
 from silotune.models.loading import load_model, set_gradient_checkpointing
@@ -21,7 +22,7 @@ class Job:
 
     config: JobConfig
     model: PeftModel
-    task: ClassificationTask | LanguageModelingTask
+    task: ClassificationTask | LanguageModelingTask | InstructionTask
     splits: DatasetSplits
     stream: BatchStream
     device: torch.device
@@ -32,11 +33,19 @@ def build_job(cfg: JobConfig) -> Job:
     loaded = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype, seed=cfg.train.seed)
     splits = load_splits(cfg.data, seed=cfg.train.seed)
     task = make_task(
-        loaded.tokenizer, cfg.data.task, splits.labels, splits.prompt_template, cfg.data.max_length
+        loaded.tokenizer,
+        cfg.data.task,
+        splits.labels,
+        splits.prompt_template,
+        cfg.data.max_length,
+        cfg.data.instruct,
     )
     set_gradient_checkpointing(loaded.model, cfg.train.gradient_checkpointing)
     model = attach_adapter(loaded.model, cfg.adapter, seed=cfg.train.seed)
-    encoded = [task.encode(ex) for ex in splits.train]
+    if isinstance(task, InstructionTask):
+        encoded = task.encode_all(splits.train, "train")  # logs once what truncation cut
+    else:
+        encoded = [task.encode(ex) for ex in splits.train]
     stream = BatchStream(
         encoded, cfg.train.batch_size, cfg.train.seed, loaded.tokenizer.pad_token_id
     )

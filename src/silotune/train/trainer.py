@@ -100,7 +100,14 @@ def _train(
             if schedule.evaluates(done):
                 hook = progress_hook(bar, f"validation @ {done}")
                 scores = evaluate(
-                    job.model, job.task, job.splits.validation, t.eval_batch_size, job.device, hook
+                    job.model,
+                    job.task,
+                    job.splits.validation,
+                    t.eval_batch_size,
+                    job.device,
+                    hook,
+                    eval_cfg=cfg.eval,
+                    generate_for=cfg.eval.generation_examples,  # periodic: capped, stays cheap
                 )
                 metrics.write({"step": done, "split": "validation", **scores})
                 log.info("step %d validation %s", done, format_scores(scores))
@@ -113,6 +120,16 @@ def _train(
     save_adapter(job.model, cfg.output_dir / ADAPTER_DIR)
     with progress_bar(progress) as bar:
         hook = progress_hook(bar, "test")
-        test = evaluate(job.model, job.task, job.splits.test, t.eval_batch_size, job.device, hook)
+        mc = job.splits.multiple_choice if cfg.eval.multiple_choice else None
+        test = evaluate(
+            job.model,
+            job.task,
+            job.splits.test,
+            t.eval_batch_size,
+            job.device,
+            hook,
+            eval_cfg=cfg.eval,
+            multiple_choice=mc,
+        )
     metrics.write({"step": t.max_steps, "split": "test", **test})
     return write_summary(cfg, train_s, test)
