@@ -129,6 +129,39 @@ def eval_(
 
 
 @app.command()
+def generate(
+    config: Annotated[Path, typer.Argument(help="YAML job recipe (data.task: instruction).")],
+    adapter: Annotated[
+        Path | None, typer.Option(help="Adapter folder (PEFT format); none = the base model.")
+    ] = None,
+    prompt: Annotated[
+        str | None, typer.Option(help="One user message; the answer streams.")
+    ] = None,
+    file: Annotated[
+        Path | None,
+        typer.Option(help="JSONL/CSV/Parquet of prompts (instruction[+input] or messages)."),
+    ] = None,
+    set_: SetOption = None,
+) -> None:
+    """Answer a prompt (streamed) or a file of prompts with the job's template and decoding."""
+    from silotune.config import load_config
+    from silotune.eval.generate import Generator, check_job, generate_lines
+
+    if (prompt is None) == (file is None):
+        raise ConfigError("pass --prompt TEXT or --file F (one of them)")
+    cfg = load_config(config, set_)
+    check_job(cfg)
+    gen = Generator(cfg, adapter)
+    if prompt is not None:
+        gen.stream(prompt, write=lambda piece: print(piece, end="", flush=True))
+        print()
+        return
+    assert file is not None
+    for line in generate_lines(gen, file):
+        typer.echo(line)
+
+
+@app.command()
 def demo(
     steps: Annotated[
         int,
