@@ -79,10 +79,7 @@ PREFIX = ("adapter.type=prefix", "adapter.num_virtual_tokens=16")
             ["adapter.r silo 16, coordinator 8", "split.head_layers silo 2, coordinator 1"],
         ),
     ],
-    ids=[
-        "head_layers", "r", "targets", "dtype", "sync_every", "seed", "prefix_length", "spf_ratio",
-        "two",
-    ],  # fmt: skip
+    ids="head_layers r targets dtype sync_every seed prefix_length spf_ratio two".split(),
 )
 def test_a_mismatched_silo_is_refused_at_join_naming_each_key(
     coordinator, silo, expected, keys_dir, caplog

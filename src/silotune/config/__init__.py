@@ -195,7 +195,6 @@ class JobConfig(_Strict):
         return self
 
 
-
 # --------------------------------------------------------------------------- loading and errors
 
 
