@@ -18,9 +18,10 @@ from silotune.errors import ModelError
 from silotune.models.loading import load_model
 from silotune.split.agreement import shared_settings
 from silotune.split.averaging import weighted_average
+from silotune.split.engines import Roster, make_engine
 from silotune.split.keys import load_enrollment, load_silo_keys
 from silotune.split.parts import PartState, build_half, save_full_adapter
-from silotune.split.resume import restore_silo, save_silo
+from silotune.split.resume import TrunkCheckpoints, restore_silo, restore_trunk, save_silo
 from silotune.split.silo import TrunkLink, make_averager
 from silotune.split.spf_parts import side_layers, spf_rows_state
 from silotune.train.loop import make_optimizer, make_scheduler, train_step
@@ -170,6 +171,33 @@ def test_a_silo_checkpoint_restores_its_spf_deltas(tmp_path):
     saved = spf_deltas(half.model)
     for name, delta in spf_deltas(fresh.model).items():
         assert torch.equal(delta.delta, saved[name].delta), name
+
+
+def test_a_trunk_checkpoint_restores_its_spf_deltas(tmp_path):
+    cfg = spf_split_cfg(server_mode="server-hierarchical")
+    engines = []
+    for _ in range(2):
+        half = build_half(cfg, "trunk")
+        trunk = half.parts.trunk
+        state = PartState(half.model, [trunk])
+        engine = make_engine(
+            cfg.split.server_mode, trunk, state, cfg.train, Roster(60), torch.device("cpu"),
+            torch.float32,
+        )  # fmt: skip
+        engines.append((half, engine))
+    (saved, engine), (fresh, resumed) = engines
+    with torch.no_grad():
+        for delta in spf_deltas(saved.model).values():
+            delta.delta.normal_(std=0.01)
+    saver = TrunkCheckpoints(tmp_path, engine, saved.model, cfg)
+    saver.committed("silo-0", cfg.train.max_steps)  # the last step is a sync step
+    assert restore_trunk(tmp_path, resumed, fresh.model) == cfg.train.max_steps
+    resumed.add("silo-0")  # a replica made after the restore starts from the saved deltas
+    want = engine.trunk_state()
+    got = resumed.state.get([resumed.replicas["silo-0"].part])
+    assert _deltas(want) and _deltas(want).keys() == _deltas(got).keys()
+    for key, value in _deltas(want).items():
+        assert torch.equal(got[key], value), key
 
 
 @pytest.mark.slow
