@@ -135,8 +135,8 @@ def test_unsupported_architecture_and_modes_are_config_errors() -> None:
         attach_adapter(model, AdapterConfig(r=2, spf=spf_cfg()))
     with pytest.raises(ConfigError, match="adapter.type to lora"):
         config_from_dict({}, ["adapter.type=prefix", *SPF_ON])
-    with pytest.raises(ConfigError, match="split mode does not train SPF"):
-        config_from_dict({}, ["mode=split", *SPF_ON])
+    # Split mode trains SPF too (each side the rows of its own blocks: tests/split/test_spf_parts.py).
+    assert config_from_dict({}, ["mode=split", *SPF_ON]).adapter.spf.enabled
 
 
 def test_lora_defaults_to_the_projections_spf_leaves_and_explicit_targets_win() -> None:

@@ -68,13 +68,18 @@ PREFIX = ("adapter.type=prefix", "adapter.num_virtual_tokens=16")
             [*PREFIX[:1], "adapter.num_virtual_tokens=8"],
             ["adapter.num_virtual_tokens silo 8"],
         ),
+        (  # SPF rows chosen at other ratios: other deltas, another averaged vector
+            (*COORDINATOR, "adapter.spf.enabled=true"),
+            ["adapter.spf.head_ratio=0.25"],
+            ["adapter.spf.head_ratio silo 0.25, coordinator 0.5"],
+        ),
         (  # the case: both keys named at once
             COORDINATOR,
             ["split.head_layers=2", "adapter.r=16"],
             ["adapter.r silo 16, coordinator 8", "split.head_layers silo 2, coordinator 1"],
         ),
     ],
-    ids=["head_layers", "r", "targets", "dtype", "sync_every", "seed", "prefix_length", "two"],
+    ids="head_layers r targets dtype sync_every seed prefix_length spf_ratio two".split(),
 )
 def test_a_mismatched_silo_is_refused_at_join_naming_each_key(
     coordinator, silo, expected, keys_dir, caplog
@@ -92,6 +97,8 @@ def test_a_mismatched_silo_is_refused_at_join_naming_each_key(
     assert "\n" not in message
     for part in expected:
         assert part in message
+    if "spf" in " ".join(expected):  # the ratio alone differs, so it alone is named
+        assert message.count(", coordinator ") == 1
     # The coordinator refused it too, said why, and never let it into the roster.
     (record,) = service.records
     assert record.outcome == "refused" and all(part in record.detail for part in expected)

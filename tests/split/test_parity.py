@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from peft import get_peft_model_state_dict
+import torch
 
+from silotune.config import SPFConfig
 from silotune.split.parts import build_half
 from silotune.train.job import build_job
 from silotune.train.loop import make_optimizer, make_scheduler, train_step
@@ -31,6 +32,16 @@ def _silo_grads(end) -> dict:
     return {peft: params[i][local].grad.clone() for i, local, peft in names}
 
 
+def _trainable(model) -> dict:
+    """Every trainable tensor (LoRA and SPF deltas) under the names split states use."""
+    adapter = f".{model.active_adapter}."
+    return {
+        n.replace(adapter, "."): p.detach().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
 def _centralized_grads(job, names: list[str]) -> dict:
     adapter = f".{job.model.active_adapter}."
     grads = {
@@ -40,20 +51,27 @@ def _centralized_grads(job, names: list[str]) -> dict:
 
 
 CASES = [
-    ("tiny-llama", "sequential", 1),
-    ("tiny-llama", "client-batching", 1),
-    ("tiny-llama", "server-hierarchical", 1),
-    ("tiny-llama", "client-batching", 0),  # head of embeddings only: nothing to train there
-    ("gpt2", "client-batching", 1),
+    ("tiny-llama", "sequential", 1, False),
+    ("tiny-llama", "client-batching", 1, False),
+    ("tiny-llama", "server-hierarchical", 1, False),
+    ("tiny-llama", "client-batching", 0, False),  # head of embeddings only: nothing to train there
+    ("gpt2", "client-batching", 1, False),
+    # SPF + LoRA: each side trains the SPF rows of its own blocks, SPF rows at their own lr.
+    ("tiny-llama", "sequential", 1, True),
+    ("tiny-llama", "client-batching", 1, True),
+    ("tiny-llama", "server-hierarchical", 1, True),
+    ("gpt2", "client-batching", 1, True),
 ]
 
 
-@pytest.mark.parametrize("model,mode,head_layers", CASES)
-def test_split_steps_equal_centralized_steps(model, mode, head_layers, keys_dir, gpt2_dir):
+@pytest.mark.parametrize("model,mode,head_layers,spf", CASES)
+def test_split_steps_equal_centralized_steps(model, mode, head_layers, spf, keys_dir, gpt2_dir):
     name = str(gpt2_dir) if model == "gpt2" else model
     # grad_accum 2 and a small max_grad_norm: clipping is active, so the joint norm matters.
     train = {"grad_accum": 2, "max_grad_norm": 0.05, "max_steps": 2}
     cfg = split_cfg(name, train, server_mode=mode, head_layers=head_layers)
+    if spf:
+        cfg.adapter.spf = SPFConfig(enabled=True, lr=3e-3)
     job, optimizer, scheduler = _centralized(cfg)
     with trunk_server(cfg, keys_dir) as (service, connect_fn):
         end = silo_end(cfg, open_silo(connect_fn, keys_dir, "silo-0"))
@@ -65,13 +83,22 @@ def test_split_steps_equal_centralized_steps(model, mode, head_layers, keys_dir,
             silo_grads = _silo_grads(end)  # after clipping, as the optimizer used them
             assert _max_diff(silo_grads, _centralized_grads(job, list(silo_grads))) <= TOL
         trunk = end.link.finish()  # answered after the trunk processed every earlier frame
+        rows = {k: trunk.pop(k) for k in list(trunk) if k.endswith(".spf.rows")}
         updated = {**end.adapter(), **trunk}
-        reference = {k: v.detach() for k, v in get_peft_model_state_dict(job.model).items()}
+        reference = _trainable(job.model)
         assert _max_diff(updated, reference) <= TOL
-        initial = get_peft_model_state_dict(build_half(cfg, "trunk").model)
+        initial = _trainable(build_half(cfg, "trunk").model)
         assert trunk.keys() <= initial.keys()
         assert _max_diff(trunk, {k: initial[k] for k in trunk}) > 1e-4  # the coordinator trained it
         assert service.engine.commits == 2
+    spf_names = [k for k in reference if k.endswith(".spf.delta")]
+    assert bool(spf_names) == spf
+    if spf:  # every delta trained, the trunk's rows are the centralized job's selection
+        assert all(reference[k].abs().max() > 0 for k in spf_names)
+        central = dict(job.model.named_modules())
+        assert rows and rows.keys() == {k[: -len("delta")] + "rows" for k in trunk if "spf" in k}
+        for key, value in rows.items():
+            assert torch.equal(value, central[key.removesuffix(".rows")].rows)
     frames = end.session.stats
     assert frames.sent_frames == 1 + 2 * (2 * 2 + 1) + 1  # join, 2 x (2 fwd + 2 bwd + commit), bye
 

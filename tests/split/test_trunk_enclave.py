@@ -226,13 +226,15 @@ def test_serve_and_join_keep_the_trunk_adapter_only_sealed(keys_dir, tls_dir, pl
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("adapter", ["lora", "prefix"])
+@pytest.mark.parametrize("adapter", ["lora", "prefix", "spf"])
 def test_train_with_the_trunk_in_the_enclave_matches_train_without(tmp_path, adapter):
-    # With a P-tuning v2 prefix the trunk layers' prefix rows live with the trunk: in the enclave.
+    # With a P-tuning v2 prefix the trunk layers' prefix rows live with the trunk: in the enclave;
+    # with SPF + LoRA the trunk blocks' SPF rows do (the paper's split scheme).
     losses = {}
     for in_enclave in (False, True):
         cfg = split_cfg(train={"max_steps": 3}, silos=1, trunk_in_enclave=in_enclave)
-        cfg.adapter.type = adapter
+        cfg.adapter.type = "lora" if adapter == "spf" else adapter
+        cfg.adapter.spf.enabled = adapter == "spf"
         cfg.output_dir = tmp_path / f"enclave-{in_enclave}"
         summary = run_job(cfg, progress=False)
         assert summary["split"]["trunk_steps"] == 3
@@ -241,6 +243,14 @@ def test_train_with_the_trunk_in_the_enclave_matches_train_without(tmp_path, ada
     assert summary["split"]["enclave"]["backend"] == "simulated"
     assert len(losses[True]) == 3
     assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+    if adapter == "spf":  # the trunk's SPF deltas came out of the enclave, equal to the plain run's
+        plain, enclave = (
+            load_file(tmp_path / f"enclave-{e}" / "adapter" / "spf_deltas.safetensors")
+            for e in (False, True)
+        )
+        assert plain.keys() == enclave.keys() and len(plain) == 2 * 5 * 6
+        for key, tensor in plain.items():
+            torch.testing.assert_close(enclave[key], tensor, atol=1e-5, rtol=0)
 
 
 def test_a_dead_trunk_enclave_is_one_clear_error_not_a_hang(keys_dir, platform):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -67,11 +68,17 @@ def peft_config(cfg: AdapterConfig, model: PreTrainedModel) -> PeftConfig:
     return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens)
 
 
-def attach_adapter(model: PreTrainedModel, cfg: AdapterConfig, seed: int = 0) -> PeftModel:
+def attach_adapter(
+    model: PreTrainedModel,
+    cfg: AdapterConfig,
+    seed: int = 0,
+    spf_layers: Iterable[int] | None = None,
+) -> PeftModel:
     """Freeze `model` and wrap it with a freshly initialised adapter (initialisation seeded).
 
     With ``cfg.spf.enabled`` the SPF deltas (zero at first) are attached after LoRA, on the
-    rows selected from the frozen base weights.
+    rows selected from the frozen base weights: of the decoder blocks ``spf_layers`` (a split
+    side's own blocks), or of every block by default.
     """
     config = peft_config(cfg, model)
     with torch.random.fork_rng(devices=[]):
@@ -81,7 +88,7 @@ def attach_adapter(model: PreTrainedModel, cfg: AdapterConfig, seed: int = 0) ->
         except ValueError as err:
             raise ModelError(f"cannot attach the {cfg.type} adapter: {err}") from err
     if cfg.spf.enabled:
-        attach_spf(peft_model, cfg.spf)
+        attach_spf(peft_model, cfg.spf, spf_layers)
     return peft_model
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,7 +154,15 @@ def _rank(weight: torch.Tensor, block: Block) -> torch.Tensor:
     return torch.sort(picked).values
 
 
-def select_rows(model: nn.Module, cfg: SPFConfig) -> dict[str, torch.Tensor]:
+def spf_projections(config: object, cfg: SPFConfig, layers: Iterable[int]) -> list[str]:
+    """Names of the projections SPF trains in ``layers`` (model order), from the config alone."""
+    template, rules = _rules(config, cfg)
+    return [template.format(layer) + rule.suffix for layer in layers for rule in rules]
+
+
+def select_rows(
+    model: nn.Module, cfg: SPFConfig, layers: Iterable[int] | None = None
+) -> dict[str, torch.Tensor]:
     """The rows SPF trains: projection name -> sorted int64 output rows (k,), in model order.
 
     Parameters
@@ -163,11 +171,16 @@ def select_rows(model: nn.Module, cfg: SPFConfig) -> dict[str, torch.Tensor]:
         A Hugging Face causal LM (optionally with LoRA layers injected; their base layers count).
     cfg : SPFConfig
         The ratios of heads and FFN neurons kept.
+    layers : iterable of int, optional
+        Only these decoder blocks (default: all). A block's rows depend on its own weights only,
+        so each side of a split model selects its blocks' rows without holding the others.
     """
     model = unwrap(model)
     template, rules = _rules(model.config, cfg)
     chosen: dict[str, torch.Tensor] = {}
-    for layer in range(model.config.num_hidden_layers):
+    if layers is None:
+        layers = range(model.config.num_hidden_layers)
+    for layer in sorted(layers):
         prefix = template.format(layer)
         for rule in rules:
             name = prefix + rule.suffix
@@ -226,10 +239,15 @@ def attach_rows(
     return deltas
 
 
-def attach_spf(model: nn.Module, cfg: SPFConfig) -> dict[str, SPFDelta]:
-    """Select rows from the frozen base weights and attach trainable zero deltas to them."""
+def attach_spf(
+    model: nn.Module, cfg: SPFConfig, layers: Iterable[int] | None = None
+) -> dict[str, SPFDelta]:
+    """Select rows from the frozen base weights and attach trainable zero deltas to them.
+
+    ``layers`` limits both to those decoder blocks (a split side's own blocks; default all).
+    """
     model = unwrap(model)
-    deltas = attach_rows(model, select_rows(model, cfg), lr=cfg.lr)
+    deltas = attach_rows(model, select_rows(model, cfg, layers), lr=cfg.lr)
     model.silotune_spf = {"head_ratio": cfg.head_ratio, "ffn_ratio": cfg.ffn_ratio}
     count = sum(d.delta.numel() for d in deltas.values())
     log.info("SPF: training %d parameters in %d projections", count, len(deltas))
@@ -296,14 +314,25 @@ def save_spf(model: nn.Module, out_dir: Path) -> bool:
     if not deltas:
         path.unlink(missing_ok=True)  # a stale file would be applied to a LoRA-only adapter
         return False
+    rows = {name: delta.rows for name, delta in deltas.items()}
+    values = {name: delta.delta for name, delta in deltas.items()}
+    write_spf(path, rows, values, getattr(unwrap(model), "silotune_spf", {}))
+    return True
+
+
+def write_spf(
+    path: Path,
+    rows: dict[str, torch.Tensor],
+    values: dict[str, torch.Tensor],
+    ratios: dict[str, float],
+) -> None:
+    """Write an SPF file: per projection name, ``.rows`` (k,) int64 and ``.delta`` (k, in) fp32."""
     tensors = {}
-    for name, delta in deltas.items():
-        tensors[f"{name}.rows"] = delta.rows.detach().cpu().contiguous()
-        tensors[f"{name}.delta"] = delta.delta.detach().float().cpu().contiguous()
-    ratios = getattr(unwrap(model), "silotune_spf", {})
+    for name in rows:
+        tensors[f"{name}.rows"] = rows[name].detach().long().cpu().contiguous()
+        tensors[f"{name}.delta"] = values[name].detach().float().cpu().contiguous()
     meta = {"format": SPF_FORMAT, "version": SPF_VERSION, "ratios": json.dumps(ratios)}
     save_file(tensors, path, metadata=meta)
-    return True
 
 
 @dataclass
@@ -331,15 +360,7 @@ def read_spf(path: Path) -> SPFFile:
         r, v = tensors.get(f"{name}.rows"), tensors.get(f"{name}.delta")
         if r is None or v is None or len(tensors) != 2 * len(names):
             raise CheckpointError(f"{path}: every projection needs exactly .rows and .delta")
-        if r.dtype != torch.long or r.ndim != 1 or v.ndim != 2 or v.shape[0] != r.numel():
-            raise CheckpointError(
-                f"{path}: {name} has rows {tuple(r.shape)} for values "
-                f"{tuple(v.shape)}; want (k,) int64 and (k, in)"
-            )
-        if r.numel() == 0 or int(r[0]) < 0 or (r.numel() > 1 and not bool((r.diff() > 0).all())):
-            raise CheckpointError(
-                f"{path}: the rows of {name} are not sorted, distinct, non-negative indices"
-            )
+        check_rows(name, r, v, path)
         rows[name], values[name] = r, v
     try:
         ratios = json.loads(meta.get("ratios", "{}"))
@@ -348,7 +369,21 @@ def read_spf(path: Path) -> SPFFile:
     return SPFFile(rows, values, ratios)
 
 
-def _check_fits(model: nn.Module, spf: SPFFile, where: Path) -> None:
+def check_rows(name: str, rows: torch.Tensor, values: torch.Tensor, where: Path) -> None:
+    """Rows (k,) are sorted, distinct, non-negative int64 indices for values (k, in)."""
+    r, v = rows, values
+    if r.dtype != torch.long or r.ndim != 1 or v.ndim != 2 or v.shape[0] != r.numel():
+        raise CheckpointError(
+            f"{where}: {name} has rows {tuple(r.shape)} for values "
+            f"{tuple(v.shape)}; want (k,) int64 and (k, in)"
+        )
+    if r.numel() == 0 or int(r[0]) < 0 or (r.numel() > 1 and not bool((r.diff() > 0).all())):
+        raise CheckpointError(
+            f"{where}: the rows of {name} are not sorted, distinct, non-negative indices"
+        )
+
+
+def check_fits(model: nn.Module, spf: SPFFile, where: Path) -> None:
     """Each projection exists in ``model`` and its rows and width fit the base weight."""
     base = unwrap(model)
     for name, r in spf.rows.items():
@@ -372,7 +407,7 @@ def load_spf(model: nn.Module, adapter_dir: Path, trainable: bool = False) -> bo
     if not path.is_file():
         return False
     spf = read_spf(path)
-    _check_fits(model, spf, adapter_dir)
+    check_fits(model, spf, adapter_dir)
     base = unwrap(model)
     deltas = attach_rows(base, spf.rows, trainable)
     with torch.no_grad():

@@ -233,15 +233,6 @@ class JobConfig(_Strict):
             )
         return self
 
-    @model_validator(mode="after")
-    def _spf_modes(self) -> JobConfig:
-        if self.adapter.spf.enabled and self.mode == "split":
-            raise ValueError(
-                "adapter.spf works in modes centralized and federated; split mode does not "
-                "train SPF deltas"
-            )
-        return self
-
 
 # --------------------------------------------------------------------------- loading and errors
 

@@ -15,6 +15,9 @@ train.seed                  only for presets whose weights are drawn from it (ti
 adapter.type                LoRA or prefix: the saved adapter's kind
 adapter.r, adapter.alpha,   LoRA rank, scale and targets as PEFT resolved them (defaults
 adapter.target_modules      included): the tensors' shapes and names in the saved adapter
+adapter.spf.enabled,        SPF + LoRA, and the ratios that choose the SPF rows: the deltas'
+adapter.spf.head_ratio,     shapes, the averaged vector, and the saved spf_deltas file
+adapter.spf.ffn_ratio
 adapter.num_virtual_tokens  prefix length: the prefix's shape, and the positions of the tokens
 split.head_layers,          where the model is cut
 split.tail_layers
@@ -92,6 +95,11 @@ def shared_settings(cfg: JobConfig, model: PeftModel) -> dict[str, Any]:
         settings["adapter.target_modules"] = (
             targets if isinstance(targets, str) else sorted(targets)
         )
+        spf = cfg.adapter.spf
+        settings["adapter.spf.enabled"] = spf.enabled
+        if spf.enabled:  # the rows each side trains, and so the averaged vector's layout
+            settings["adapter.spf.head_ratio"] = spf.head_ratio
+            settings["adapter.spf.ffn_ratio"] = spf.ffn_ratio
     else:
         settings["adapter.num_virtual_tokens"] = int(peft_config.num_virtual_tokens)
     s = cfg.split

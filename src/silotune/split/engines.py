@@ -37,7 +37,7 @@ from silotune.split.parts import PartState
 from silotune.split.resume import copy_optimizer
 from silotune.split.roster import Roster
 from silotune.split.session import SplitError
-from silotune.train.loop import make_scheduler
+from silotune.train.loop import make_optimizer, make_scheduler
 
 __all__ = ["ENGINES", "Roster", "TrunkEngine", "make_engine"]
 
@@ -90,7 +90,7 @@ def _make_replica(part: nn.Module, cfg: TrainConfig) -> Replica:
     params = [p for p in part.parameters() if p.requires_grad]
     if not params:
         return Replica(part, None, None)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(part, cfg)  # SPF deltas with adapter.spf.lr: their own group
     return Replica(part, optimizer, make_scheduler(optimizer, cfg))
 
 

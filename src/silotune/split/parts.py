@@ -45,6 +45,7 @@ from silotune.split.prefix import (
     is_prefix_state,
     prefix_embedding,
 )
+from silotune.split.spf_parts import complete_spf, side_layers, split_off_spf, write_split_spf
 
 __all__ = [
     "ModelHalf",
@@ -235,7 +236,11 @@ def build_half(cfg: JobConfig, side: str) -> ModelHalf:
     else:
         loaded = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype, seed=cfg.train.seed)
     set_gradient_checkpointing(loaded.model, cfg.train.gradient_checkpointing)
-    model = attach_adapter(loaded.model, cfg.adapter, seed=cfg.train.seed)
+    # SPF rows of this side's blocks only (each block's rows depend on its own weights).
+    layers = side_layers(
+        loaded.model.config.num_hidden_layers, cfg.split.head_layers, cfg.split.tail_layers, side
+    )
+    model = attach_adapter(loaded.model, cfg.adapter, seed=cfg.train.seed, spf_layers=layers)
     parts = split_model(model, cfg.split.head_layers, cfg.split.tail_layers)
     if side == "silo":
         _drop(model, [parts.trunk])
@@ -268,7 +273,9 @@ def save_full_adapter(model: PeftModel, state: Mapping[str, torch.Tensor], out_d
 
     ``state`` holds the silo's and the coordinator's tensors together; the folder then loads with
     ``PeftModel.from_pretrained(base_model, out_dir)`` on the whole base model. A split prefix
-    (``prefix.layers.<i>`` for every layer) is stacked into PEFT's ``prompt_embeddings``.
+    (``prefix.layers.<i>`` for every layer) is stacked into PEFT's ``prompt_embeddings``. SPF
+    deltas of both sides (with the trunk's rows) go to ``spf_deltas.safetensors``, which
+    :func:`~silotune.adapters.peft_adapters.load_adapter` attaches (:mod:`~.spf_parts`).
 
     Raises
     ------
@@ -276,6 +283,8 @@ def save_full_adapter(model: PeftModel, state: Mapping[str, torch.Tensor], out_d
         Before anything is written, if the tensors are not exactly the adapter ``model``'s config
         declares (names and shapes): plain PEFT would refuse, or silently load less.
     """
+    state, spf = split_off_spf(state)  # SPF deltas (and the trunk's rows) go to their own file
+    spf_file = complete_spf(model, spf, out_dir)
     if is_prefix_state(state):  # per-layer prefixes of both sides -> PEFT's one embedding
         tensors = {"prompt_embeddings": assemble_prompt_embeddings(state, model)}
     else:
@@ -284,6 +293,7 @@ def save_full_adapter(model: PeftModel, state: Mapping[str, torch.Tensor], out_d
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)  # writes adapter_config.json
     save_file(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    write_split_spf(spf_file, out_dir)
     config_path = out_dir / "adapter_config.json"
     json.loads(config_path.read_text(encoding="utf-8"))  # fail here, not at load time
 

@@ -53,6 +53,7 @@ from silotune.split.parts import (
 from silotune.split.resume import TrunkCheckpoints, restore_silo, restore_trunk, save_silo
 from silotune.split.session import FrameSession, SplitError, open_session
 from silotune.split.silo import SplitSilo, TrunkLink, make_averager
+from silotune.split.spf_parts import spf_rows_state
 from silotune.split.trunk import Trunk, TrunkService
 from silotune.train.loop import BatchStream, make_optimizer, make_scheduler, train_step
 from silotune.train.run_folder import (
@@ -314,6 +315,7 @@ def build_service(
         dtype,
         averaging=cfg.split.secure_averaging,
         checkpoints=saver,
+        spf_rows=spf_rows_state(half.model, [trunk]),
     )
 
 

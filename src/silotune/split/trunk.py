@@ -15,7 +15,7 @@ commit     meta ``coef`` (clipping factor)       (none)
 sync       the silo's adapter; meta ``examples`` sync: the average over live silos
 secagg     one secure-averaging stage; meta      secagg: that stage's answer (see
            ``stage``                             :mod:`~.secure_averaging`)
-bye        (none)                                bye: the trunk adapter
+bye        (none)                                bye: the trunk adapter (and its SPF rows)
 =========  ====================================  =========================================
 
 A frame that fails authentication, replays, arrives out of order or breaks the limits ends that
@@ -218,6 +218,9 @@ class TrunkService:
         ``None`` lets the first silo that joins fix it for the job.
     checkpoints
         Writes the trunk's checkpoints at the silos' sync steps (``None``: none written).
+    spf_rows
+        The rows of the trunk's SPF deltas (:func:`~silotune.split.spf_parts.spf_rows_state`),
+        sent with the trunk adapter at ``bye`` so a silo can save the complete SPF file.
     """
 
     engine: TrunkEngine
@@ -230,6 +233,7 @@ class TrunkService:
     activation_dtype: str | None = None
     averaging: str | None = None
     checkpoints: TrunkCheckpoints | None = None
+    spf_rows: dict[str, torch.Tensor] = field(default_factory=dict)
     records: list[SessionRecord] = field(default_factory=list)
     finished: threading.Event = field(default_factory=threading.Event)
 
@@ -404,7 +408,8 @@ class TrunkService:
                 averaged = engine.sync(name, state, examples)
                 session.send_state(KIND_SYNC, frame.step, averaged)
             elif frame.kind == KIND_BYE:
-                session.send_state(KIND_BYE, frame.step, engine.finish(name))
+                final = {**engine.finish(name), **self.spf_rows}
+                session.send_state(KIND_BYE, frame.step, final)
                 record.outcome = "finished"
                 log.info("Silo %s finished after %d steps.", name, record.steps)
                 return
