@@ -125,12 +125,6 @@ ERRORS = [
     ),
     pytest.param(
         RECIPE,
-        ["data.task=instruction", "mode=split"],
-        ["data.task instruction runs in modes centralized and federated, not split"],
-        id="instruct-split",
-    ),
-    pytest.param(
-        RECIPE,
         ["data.task=instruction", "adapter.placement=enclave"],
         ["data.task instruction does not run with adapter.placement enclave"],
         id="instruct-enclave",

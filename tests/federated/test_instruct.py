@@ -8,7 +8,7 @@ import pytest
 
 from silotune.config import config_from_dict
 from silotune.data.partition import partition_groups
-from silotune.errors import ConfigError, DataError
+from silotune.errors import DataError
 from silotune.federated import silo
 from silotune.train.job import build_job
 from tests.federated.harness import run_in_process
@@ -58,8 +58,3 @@ def test_a_federated_instruction_job_runs_and_evaluates(tmp_path: Path) -> None:
     assert summary["rounds"] == 2
     assert {"loss", "rouge_l", "exact_match", "mc_accuracy"} <= set(test)
     assert test["generated"] == 4 and test["mc_examples"] == 4
-
-
-def test_split_mode_refuses_the_instruction_task() -> None:
-    with pytest.raises(ConfigError, match="runs in modes centralized and federated, not split"):
-        config_from_dict({"mode": "split", "data": {"task": "instruction"}})

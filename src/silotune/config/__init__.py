@@ -223,10 +223,6 @@ class JobConfig(_Strict):
     def _instruction_modes(self) -> JobConfig:
         if self.data.task != "instruction":
             return self
-        if self.mode == "split":
-            raise ValueError(
-                "data.task instruction runs in modes centralized and federated, not split"
-            )
         if self.adapter.placement == "enclave":
             raise ValueError(
                 "data.task instruction does not run with adapter.placement enclave; use ree"

@@ -70,9 +70,9 @@ def check_split_config(cfg: JobConfig) -> None:
             f"mode split trains LoRA or prefix adapters (adapter.type: lora or prefix), got "
             f"'{cfg.adapter.type}'"
         )
-    if cfg.data.task != "classification":
+    if cfg.data.task not in ("classification", "instruction"):
         raise ConfigError(
-            f"mode split supports data.task classification only, got '{cfg.data.task}'"
+            f"mode split supports data.task classification or instruction, got '{cfg.data.task}'"
         )
 
 

@@ -26,12 +26,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from silotune.config import JobConfig, dump_config
 from silotune.crypto.identity import IdentityKey
+from silotune.data.instruct import InstructionTask
 from silotune.data.partition import partition_iid
 from silotune.data.registry import DatasetSplits, load_splits
-from silotune.data.tasks import ClassificationTask, LanguageModelingTask, make_task
+from silotune.data.tasks import ClassificationTask, make_task
 from silotune.enclave.platform import load_platform_key
 from silotune.errors import ConfigError, CryptoError, FrameError, SilotuneError, TransportError
-from silotune.eval.evaluate import evaluate
 from silotune.split.agreement import settings_digest, shared_settings
 from silotune.split.enclave_trunk import EnclaveTrunk
 from silotune.split.engines import Roster, make_engine
@@ -53,6 +53,12 @@ from silotune.split.parts import (
 from silotune.split.resume import TrunkCheckpoints, restore_silo, restore_trunk, save_silo
 from silotune.split.session import FrameSession, SplitError, open_session
 from silotune.split.silo import SplitSilo, TrunkLink, make_averager
+from silotune.split.silo_eval import (
+    local_test_scores,
+    scored_locally,
+    split_test_scores,
+    validation_scores,
+)
 from silotune.split.spf_parts import spf_rows_state
 from silotune.split.trunk import Trunk, TrunkService
 from silotune.train.loop import BatchStream, make_optimizer, make_scheduler, train_step
@@ -153,7 +159,12 @@ def run_silo(
     splits = load_splits(cfg.data, seed=t.seed)
     tokenizer = half.loaded.tokenizer
     task = make_task(
-        tokenizer, cfg.data.task, splits.labels, splits.prompt_template, cfg.data.max_length
+        tokenizer,
+        cfg.data.task,
+        splits.labels,
+        splits.prompt_template,
+        cfg.data.max_length,
+        cfg.data.instruct,
     )
     train = splits.train
     if shard is not None:
@@ -190,7 +201,7 @@ def _train_silo(
     half: ModelHalf,
     session: FrameSession,
     stream: BatchStream,
-    task: ClassificationTask | LanguageModelingTask,
+    task: ClassificationTask | InstructionTask,
     splits: DatasetSplits,
     device: torch.device,
     out_dir: Path,
@@ -242,17 +253,21 @@ def _train_silo(
                 train_record(done, out, time.perf_counter() - clock, wire_bytes=wire_bytes)
             )
         if evaluate_splits and schedule.evaluates(done):
-            scores = evaluate(model, task, splits.validation, t.eval_batch_size, device)
+            scores = validation_scores(cfg, model, task, splits, device)
             metrics.write({"step": done, "split": "validation", **scores})
         if schedule.syncs(done):  # after its records, so a resumed run keeps them
             save_silo(out_dir, done, half.model, optimizer, scheduler, cfg, averaging[2], history)
     train_s = time.perf_counter() - clock
     log.info("Silo finished %d steps in %.1f s.", t.max_steps, train_s)
-    test = evaluate(model, task, splits.test, t.eval_batch_size, device) if evaluate_splits else {}
+    test = {}
+    if evaluate_splits and not scored_locally(task):
+        test = split_test_scores(cfg, model, task, splits, device)
     trunk_state = link.finish()
     state = names.get([half.parts.head, half.parts.tail])
     state.update(trunk_state)
     save_full_adapter(half.model, state, out_dir / ADAPTER_DIR)
+    if evaluate_splits and scored_locally(task):  # the whole model is the silo's now
+        test = local_test_scores(cfg, task, splits, out_dir / ADAPTER_DIR)
     if test:
         metrics.write({"step": t.max_steps, "split": "test", **test})
     summary = write_summary(
