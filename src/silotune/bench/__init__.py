@@ -38,6 +38,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "simulated enclave: split trunk and adapter-in-TEE cost vs plain; SPF+LoRA vs LoRA accuracy",
         "silotune.bench.enclave",
     ),
+    "instruct": (
+        "instruction tuning (ROUGE-L, exact match, multiple choice): untuned vs centralized vs "
+        "federated (masking; one domain per silo, and IID) vs split",
+        "silotune.bench.instruct",
+    ),
     "privacy": (
         "privacy attacks (split inversion and labels, enclave ciphertext, TEE tokens and LoRA "
         "weights, federated membership) vs defences",
