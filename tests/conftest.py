@@ -141,3 +141,21 @@ def assert_clean_error(result: subprocess.CompletedProcess[str], expected: str) 
     assert "Traceback" not in result.stderr + result.stdout
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and expected in last, result.stderr
+
+
+def save_random_adapter(
+    folder: Path, cfg: object, *, base_seed: int = 0, scale: float = 0.05, seed: int = 1
+) -> Path:
+    """Save an adapter (`cfg`: an AdapterConfig) on tiny-llama whose every trainable tensor is
+    random, so it changes the model's output (a fresh LoRA's B is zero)."""
+    from silotune.adapters.peft_adapters import attach_adapter, save_adapter
+    from silotune.models.presets import build_tiny_llama
+
+    model = attach_adapter(build_tiny_llama(base_seed)[0], cfg)  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)
+    save_adapter(model, folder)
+    return folder

@@ -9,26 +9,19 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from silotune.adapters.merge import merge_adapter
-from silotune.adapters.peft_adapters import attach_adapter, load_adapter, save_adapter
+from silotune.adapters.peft_adapters import load_adapter
 from silotune.adapters.spf import spf_deltas
 from silotune.config import AdapterConfig, SPFConfig
 from silotune.errors import ConfigError, ModelError
 from silotune.models.presets import build_tiny_llama
-from tests.conftest import assert_clean_error
+from tests.conftest import assert_clean_error, save_random_adapter
 
 PROMPT = torch.tensor([[5, 17, 300, 42, 9, 1000, 77]])
 
 
 def trained_adapter(folder: Path, cfg: AdapterConfig, seed: int = 0) -> Path:
     """Save an adapter whose every trainable tensor is random (so nothing merges as zero)."""
-    model = attach_adapter(build_tiny_llama(seed)[0], cfg)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
-    save_adapter(model, folder)
-    return folder
+    return save_random_adapter(folder, cfg, base_seed=seed)
 
 
 def logits_with_adapter(adapter_dir: Path, seed: int = 0) -> torch.Tensor:

@@ -11,13 +11,11 @@ import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from silotune.adapters.peft_adapters import attach_adapter, save_adapter
 from silotune.config import AdapterConfig, config_from_dict
 from silotune.errors import DataError
 from silotune.eval.generate import Generator, read_prompts
 from silotune.models.loading import export_model
-from silotune.models.presets import build_tiny_llama
-from tests.conftest import assert_clean_error
+from tests.conftest import assert_clean_error, save_random_adapter
 
 JOB = {
     "mode": "centralized",
@@ -34,14 +32,7 @@ QUESTION = "Define the term: kernel"
 def adapter_dir(tmp_path_factory) -> Path:
     """A LoRA adapter with random (non-zero) weights, so it changes what the model says."""
     folder = tmp_path_factory.mktemp("adapter")
-    model = attach_adapter(build_tiny_llama(0)[0], AdapterConfig(r=4))
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
-    save_adapter(model, folder)
-    return folder
+    return save_random_adapter(folder, AdapterConfig(r=4), scale=0.3, seed=7)
 
 
 def write_job(folder: Path, **changes: object) -> Path:

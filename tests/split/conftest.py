@@ -193,6 +193,24 @@ def run_threads(*targets: Any, timeout: float = 120) -> list[BaseException | Non
     return errors
 
 
+def serve_and_join(coordinator: JobConfig, silos: list[JobConfig], timeout: float = 300) -> dict:
+    """`runner.serve(coordinator)` and `runner.join` of each silo (``silo-i``, shard i), in
+    threads; every one must succeed. Returns {"coordinator": summary, i: silo i's summary}."""
+    from silotune.split import runner
+
+    results: dict[Any, Any] = {}
+
+    def serve() -> None:
+        results["coordinator"] = runner.serve(coordinator)
+
+    def join(i: int) -> Any:
+        return lambda: results.setdefault(i, runner.join(silos[i], f"silo-{i}", shard=i))
+
+    errors = run_threads(serve, *(join(i) for i in range(len(silos))), timeout=timeout)
+    assert errors == [None] * (len(silos) + 1), errors
+    return results
+
+
 def make_stream(cfg: JobConfig, half: ModelHalf, shard: int | None = None) -> Any:
     """The training batches of ``cfg`` (IID part ``shard`` of ``split.silos`` if given)."""
     from silotune.data.partition import partition_iid

@@ -11,13 +11,12 @@ import torch
 from silotune.config import JobConfig
 from silotune.eval.runner import evaluate_job
 from silotune.models.loading import export_model
-from silotune.split import runner
 from silotune.train.job import build_job
 from silotune.train.loop import make_optimizer, make_scheduler
 from tests.split.conftest import (
     open_silo,
     paired_step,
-    run_threads,
+    serve_and_join,
     silo_end,
     split_cfg,
     trunk_server,
@@ -78,16 +77,7 @@ def test_split_instruction_job_trains_and_scores_test_on_the_silo(
         )
         cfg.output_dir = tmp_path / f"silo-{i}"
         silos.append(cfg)
-    results: dict = {}
-
-    def serve():
-        results["coordinator"] = runner.serve(coordinator)
-
-    def join(i):
-        return lambda: results.setdefault(i, runner.join(silos[i], f"silo-{i}", shard=i))
-
-    errors = run_threads(serve, join(0), join(1), timeout=300)
-    assert errors == [None, None, None], errors
+    results = serve_and_join(coordinator, silos)
     frames_seen = results["coordinator"]["trunk_steps"]
     assert frames_seen == 2
     test = results[0]["test"]

@@ -16,7 +16,7 @@ from silotune.eval.evaluate import evaluate
 from silotune.models.loading import load_model
 from silotune.split import runner
 from silotune.train.job import build_job
-from tests.split.conftest import run_threads, split_cfg
+from tests.split.conftest import serve_and_join, split_cfg
 
 
 def _free_port() -> int:
@@ -35,16 +35,7 @@ def test_serve_and_join_train_and_save_a_complete_adapter(keys_dir, tls_dir, tmp
         cfg = split_cfg(train={"max_steps": 2}, **common)
         cfg.output_dir = tmp_path / f"silo-{i}"
         silos.append(cfg)
-    results = {}
-
-    def serve():
-        results["coordinator"] = runner.serve(coordinator)
-
-    def join(i):
-        return lambda: results.setdefault(i, runner.join(silos[i], f"silo-{i}", shard=i))
-
-    errors = run_threads(serve, join(0), join(1), timeout=300)
-    assert errors == [None, None, None], errors
+    results = serve_and_join(coordinator, silos)
     summary = results["coordinator"]
     assert summary["trunk_steps"] == 2
     assert sorted(s["outcome"] for s in summary["sessions"]) == ["finished", "finished"]

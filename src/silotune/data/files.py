@@ -126,6 +126,25 @@ def _records(path: Path, dataset: Any, require_label: bool) -> list[dict[str, st
     return records
 
 
+def _checked_table(path: Path) -> Any:
+    """The rows of `path` as a datasets table; DataError if missing, empty, non-UTF-8 or bad."""
+    if path.suffix.lower() not in BUILDERS:
+        raise DataError(f"{path} has an unsupported extension; allowed extensions: {ALLOWED}.")
+    if not path.is_file():
+        raise DataError(f"Data file {path} does not exist.")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DataError(f"Data file {path} is empty.")
+    if BUILDERS[path.suffix.lower()] != "parquet":
+        _check_utf8(path, raw)
+    with _quiet_progress_bars():
+        try:
+            dataset = _read_table(path)
+        except Exception as exc:  # datasets wraps parser errors in several exception types
+            raise _read_error(path, exc) from exc
+    return dataset
+
+
 def load_split_file(path: Path, require_label: bool = True) -> list[dict[str, str]]:
     """Load one split file into a list of ``{"text": str, "label": str}`` records.
 
@@ -151,21 +170,7 @@ def load_split_file(path: Path, require_label: bool = True) -> list[dict[str, st
         the line), lacks a required column, or holds a cell of the wrong type.
     """
     path = Path(path)
-    if path.suffix.lower() not in BUILDERS:
-        raise DataError(f"{path} has an unsupported extension; allowed extensions: {ALLOWED}.")
-    if not path.is_file():
-        raise DataError(f"Data file {path} does not exist.")
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise DataError(f"Data file {path} is empty.")
-    if BUILDERS[path.suffix.lower()] != "parquet":
-        _check_utf8(path, raw)
-    with _quiet_progress_bars():
-        try:
-            dataset = _read_table(path)
-        except Exception as exc:  # datasets wraps parser errors in several exception types
-            raise _read_error(path, exc) from exc
-    records = _records(path, dataset, require_label)
+    records = _records(path, _checked_table(path), require_label)
     logger.debug("loaded %d records from %s", len(records), path)
     return records
 
@@ -175,22 +180,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
     Raises DataError for a missing, empty, non-UTF-8 or malformed file, like `load_split_file`.
     """
-    path = Path(path)
-    if path.suffix.lower() not in BUILDERS:
-        raise DataError(f"{path} has an unsupported extension; allowed extensions: {ALLOWED}.")
-    if not path.is_file():
-        raise DataError(f"Data file {path} does not exist.")
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise DataError(f"Data file {path} is empty.")
-    if BUILDERS[path.suffix.lower()] != "parquet":
-        _check_utf8(path, raw)
-    with _quiet_progress_bars():
-        try:
-            dataset = _read_table(path)
-        except Exception as exc:  # datasets wraps parser errors in several exception types
-            raise _read_error(path, exc) from exc
-    return [dict(row) for row in dataset]
+    return [dict(row) for row in _checked_table(Path(path))]
 
 
 def find_split_files(directory: Path) -> dict[str, Path]:

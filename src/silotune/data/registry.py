@@ -17,6 +17,7 @@ from silotune.data.instruct_files import (
     load_multiple_choice,
     to_messages,
 )
+from silotune.data.tasks import make_task
 from silotune.errors import DataError
 
 NAMED = {
@@ -133,4 +134,11 @@ def load_splits(cfg: DataConfig, seed: int = 0) -> DatasetSplits:
         test=_cap(splits["test"], cfg.max_eval_examples),
         labels=labels,
         prompt_template=cfg.prompt_template or template,
+    )
+
+
+def task_for(tokenizer: Any, cfg: DataConfig, splits: DatasetSplits) -> Any:
+    """The task object (`data.task`) of a job's `data` section over its loaded splits."""
+    return make_task(
+        tokenizer, cfg.task, splits.labels, splits.prompt_template, cfg.max_length, cfg.instruct
     )

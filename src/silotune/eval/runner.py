@@ -6,8 +6,7 @@ from pathlib import Path
 
 from silotune.adapters.peft_adapters import load_adapter
 from silotune.config import JobConfig
-from silotune.data.registry import load_splits
-from silotune.data.tasks import make_task
+from silotune.data.registry import load_splits, task_for
 from silotune.errors import ConfigError
 from silotune.eval.evaluate import evaluate
 from silotune.models.loading import load_model
@@ -22,14 +21,7 @@ def evaluate_job(
         raise ConfigError(f"--split must be validation or test, got '{split}'")
     loaded = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype, seed=cfg.train.seed)
     splits = load_splits(cfg.data, seed=cfg.train.seed)
-    task = make_task(
-        loaded.tokenizer,
-        cfg.data.task,
-        splits.labels,
-        splits.prompt_template,
-        cfg.data.max_length,
-        cfg.data.instruct,
-    )
+    task = task_for(loaded.tokenizer, cfg.data, splits)
     model = loaded.model
     if adapter_dir is not None:
         model = load_adapter(model, adapter_dir).to(loaded.device)

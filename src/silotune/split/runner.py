@@ -28,8 +28,8 @@ from silotune.config import JobConfig, dump_config
 from silotune.crypto.identity import IdentityKey
 from silotune.data.instruct import InstructionTask
 from silotune.data.partition import partition_iid
-from silotune.data.registry import DatasetSplits, load_splits
-from silotune.data.tasks import ClassificationTask, make_task
+from silotune.data.registry import DatasetSplits, load_splits, task_for
+from silotune.data.tasks import ClassificationTask
 from silotune.enclave.platform import load_platform_key
 from silotune.errors import ConfigError, CryptoError, FrameError, SilotuneError, TransportError
 from silotune.split.agreement import settings_digest, shared_settings
@@ -158,14 +158,7 @@ def run_silo(
     half = build_half(cfg, "silo")
     splits = load_splits(cfg.data, seed=t.seed)
     tokenizer = half.loaded.tokenizer
-    task = make_task(
-        tokenizer,
-        cfg.data.task,
-        splits.labels,
-        splits.prompt_template,
-        cfg.data.max_length,
-        cfg.data.instruct,
-    )
+    task = task_for(tokenizer, cfg.data, splits)
     train = splits.train
     if shard is not None:
         if not 0 <= shard < s.silos:

@@ -10,8 +10,8 @@ from peft import PeftModel
 from silotune.adapters.peft_adapters import attach_adapter
 from silotune.config import JobConfig
 from silotune.data.instruct import InstructionTask
-from silotune.data.registry import DatasetSplits, load_splits
-from silotune.data.tasks import ClassificationTask, LanguageModelingTask, make_task
+from silotune.data.registry import DatasetSplits, load_splits, task_for
+from silotune.data.tasks import ClassificationTask, LanguageModelingTask
 from silotune.models.loading import load_model, set_gradient_checkpointing
 from silotune.train.loop import BatchStream
 
@@ -32,14 +32,7 @@ def build_job(cfg: JobConfig) -> Job:
     """Load model and data, attach a fresh adapter, encode the training split."""
     loaded = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype, seed=cfg.train.seed)
     splits = load_splits(cfg.data, seed=cfg.train.seed)
-    task = make_task(
-        loaded.tokenizer,
-        cfg.data.task,
-        splits.labels,
-        splits.prompt_template,
-        cfg.data.max_length,
-        cfg.data.instruct,
-    )
+    task = task_for(loaded.tokenizer, cfg.data, splits)
     set_gradient_checkpointing(loaded.model, cfg.train.gradient_checkpointing)
     model = attach_adapter(loaded.model, cfg.adapter, seed=cfg.train.seed)
     if isinstance(task, InstructionTask):
