@@ -28,6 +28,7 @@ anything but the product is caught (:class:`TamperedResultError`).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -174,7 +175,8 @@ class LinearOffload:
         online, ``z`` is drawn from the stream here and the factors are left to the unblinding.
         """
         start = time.perf_counter()
-        peak = float(x.detach().abs().max()) if x.numel() else 0.0
+        # max|x| in one pass, no temporary (a NaN stays NaN and gets the fallback scale below)
+        peak = float(torch.linalg.vector_norm(x.detach(), ord=math.inf)) if x.numel() else 0.0
         # A zero tensor still gets a full-size mask: the REE must not see which tensors are zero.
         scale = self.mask_std * (peak if peak > 0.0 and peak < float("inf") else 1.0)
         lead = x.shape[:-1]
@@ -186,7 +188,7 @@ class LinearOffload:
             z = rows.z.view(x.shape)
             factors = {name: f.view(*lead, f.shape[-1]) for name, f in rows.factors.items()}
         z = z.to(x.device, WIRE_DTYPE)
-        masked = x.detach().to(WIRE_DTYPE) + scale * z
+        masked = torch.add(x.detach().to(WIRE_DTYPE), z, alpha=scale)
         self.stats.masks += 1
         self.stats.mask_s += time.perf_counter() - start
         return Blind(scale, z, masked, factors)
@@ -202,7 +204,7 @@ class LinearOffload:
             z = blind.z
             factor = nn.functional.linear(z, weight) if method == LINEAR else z @ weight
             self.stats.factors_online += 1
-        out = answer - blind.scale * factor.to(answer.device)
+        out = torch.sub(answer, factor.to(answer.device), alpha=blind.scale)
         self.stats.unblind_s += time.perf_counter() - start
         return out
 
@@ -247,15 +249,16 @@ class LinearOffload:
                 f"the REE's answer to {method} of {layer.ree_name} has shape "
                 f"{tuple(answer.shape)}, not {(*sent.shape[:-1], out_dim)}"
             )
-        if bool(torch.isfinite(sent).all()):  # (a diverged run fails on its loss instead)
-            if self.pool is not None:  # (v, W^T v) drawn and multiplied ahead of time
-                v, u = (t.to(sent.device) for t in self.pool.check_pair(method, layer.ree_name))
-            else:
-                v = self.masks.gaussian((out_dim,)).z.to(sent.device)
-                u = v @ weight if method == LINEAR else weight @ v  # W^T v, or W v
-            gap = (answer @ v - sent @ u).abs()
-            allowed = FREIVALDS_TOL * sent.norm(dim=-1) * u.norm()
-            if not bool((gap <= allowed).all()):
+        if self.pool is not None:  # (v, W^T v) drawn and multiplied ahead of time
+            v, u = (t.to(sent.device) for t in self.pool.check_pair(method, layer.ree_name))
+        else:
+            v = self.masks.gaussian((out_dim,)).z.to(sent.device)
+            u = v @ weight if method == LINEAR else weight @ v  # W^T v, or W v
+        gap = (answer @ v - sent @ u).abs()
+        allowed = FREIVALDS_TOL * sent.norm(dim=-1) * u.norm()
+        if not bool((gap <= allowed).all()):
+            # (a diverged run, whose sent tensor is not finite, fails on its loss instead)
+            if bool(torch.isfinite(sent).all()):
                 raise TamperedResultError(
                     f"the REE's answer to {method} of {layer.ree_name} is not the product it was "
                     "asked for (Freivalds' check failed); the run stops rather than use it"
