@@ -9,8 +9,12 @@ SiLU, residuals, the LoRA branches, the loss, the optimizer - runs here on unmas
 Methods (the host drives them in order; each does its work once, so the REE cannot make the
 enclave recompute a batch and hand it several independently masked copies to average):
 
+* ``preprocess``: with ``unblinding: offline``, draw the masks and compute the unblinding factors
+  the next step needs (Slalom's offline phase; it reads no data, only the next batch's shape).
+  Returns what it cost and the pool's size. With ``online`` it does nothing.
 * ``train_step`` ``{"step": k}``: optimizer step ``k``; ``k`` must be the enclave's next step.
-  Returns the step's loss, gradient norm, learning rate and what the outsourcing cost.
+  Returns the step's loss, gradient norm, learning rate and what the outsourcing cost (with any
+  preprocessing the step had to do itself because the pool ran short, reported apart).
 * ``evaluate`` ``{"split": "validation" | "test"}``: validation at the steps the schedule names
   (every ``train.eval_every`` and the last), test once after the last step. Returns the scores.
 * ``release``: after the last step only, the trained adapter's tensors (PEFT names).
@@ -30,6 +34,7 @@ from typing import Any
 
 import torch
 
+from silotune.adapter_tee.mask_pool import MaskPool
 from silotune.adapter_tee.masked_linear import LinearOffload, outsource_linears
 from silotune.adapter_tee.masked_stream import MaskStream
 from silotune.adapter_tee.state import STATE_LABEL, pack_state, unpack_state
@@ -112,6 +117,8 @@ def enclave_app_config(cfg: JobConfig) -> dict[str, Any]:
         "job": job,
         "model_sha256": model_digest(cfg.model.name),
         "mask_std": cfg.enclave.mask_std,
+        "unblinding": cfg.enclave.unblinding,
+        "mask_pool_tokens": cfg.enclave.mask_pool_tokens,
     }
 
 
@@ -171,7 +178,21 @@ class AdapterEnclaveApp:
         self.runtime = runtime
         self._lock = threading.Lock()
         # The mask key is made here (os.urandom unless a test fixes it) and never leaves.
-        self.offload = LinearOffload(MaskStream(seed), mask_std)
+        masks = MaskStream(seed)
+        self.offload = LinearOffload(masks, float(mask_std))
+        unblinding = config.get("unblinding", "online")
+        pool_tokens = config.get("mask_pool_tokens")
+        if unblinding not in ("offline", "online") or not (
+            pool_tokens is None or (isinstance(pool_tokens, int) and pool_tokens > 0)
+        ):
+            raise EnclaveError(
+                f"unblinding must be 'offline' or 'online' (got {unblinding!r}) and "
+                f"mask_pool_tokens a positive int or None (got {pool_tokens!r})"
+            )
+        if unblinding == "offline":
+            # Sites are learned on the first pass; from then on `preprocess` tops them up.
+            self.offload.pool = MaskPool(masks, self.offload.weight64, pool_tokens or 1)
+        self.pool_tokens = pool_tokens
         job = build_enclave_job(cfg, self.offload)
         self.model = job.model
         self.splits = job.splits
@@ -196,6 +217,8 @@ class AdapterEnclaveApp:
         with self._lock:
             self.offload.ocall = ocall
             try:
+                if method == "preprocess":
+                    return self._preprocess(), {}
                 if method == "train_step":
                     return self._train_step(meta), {}
                 if method == "evaluate":
@@ -207,12 +230,35 @@ class AdapterEnclaveApp:
                 if method == "restore":
                     return self._restore(meta, tensors), {}
                 raise EnclaveError(
-                    f"the adapter app has no method {method!r} (train_step, evaluate, release, "
-                    "checkpoint, restore)"
+                    f"the adapter app has no method {method!r} (preprocess, train_step, "
+                    "evaluate, release, checkpoint, restore)"
                 )
             finally:
                 self.offload.ocall = None
                 self.offload.forget()
+
+    def _costs(self) -> dict[str, float]:
+        """What outsourcing and preprocessing cost since the last call that reported it."""
+        cost = self.offload.take_stats().as_dict()
+        pool = self.offload.pool
+        if pool is not None:
+            cost.update(pool.take_stats().as_dict())
+            cost["pool_bytes"] = pool.nbytes()
+        return cost
+
+    def _preprocess(self) -> dict[str, Any]:
+        """Top the mask pool up to what the next training step needs (offline unblinding)."""
+        pool = self.offload.pool
+        if pool is None:
+            return {"unblinding": "online"}
+        t = self.cfg.train
+        need = 0
+        if self.step < t.max_steps:  # the rows (tokens) of the next step's micro-batches
+            for micro in range(t.grad_accum):
+                batch = self.stream.micro_batch(self.step * t.grad_accum + micro)
+                need += int(batch["input_ids"].numel())
+        pool.fill(max(need, self.pool_tokens or 0))
+        return {"unblinding": "offline", "rows": need, **self._costs()}
 
     def _train_step(self, meta: dict[str, Any]) -> dict[str, Any]:
         step = meta.get("step")
@@ -237,7 +283,7 @@ class AdapterEnclaveApp:
             )
             self._rng = torch.get_rng_state()
         self.step += 1
-        cost = self.offload.take_stats().as_dict()
+        cost = self._costs()
         return {
             "step": self.step,
             "loss": out.loss,
@@ -265,7 +311,7 @@ class AdapterEnclaveApp:
             )
         self._evaluated.add((split, self.step))
         scores = evaluate(self.model, self.task, examples, t.eval_batch_size, self.device)
-        cost = self.offload.take_stats().as_dict()
+        cost = self._costs()
         return {"scores": scores, "cost": cost}
 
     def _checkpoint(self) -> tuple[dict[str, Any], Tensors]:

@@ -10,6 +10,10 @@ the frozen matmuls leave it, through :class:`LinearOffload`:
   ``linear`` with ``x + r`` only, gets ``(x + r) W^T`` back and subtracts ``s * (z W^T)``;
 * backward, ``dx = g W``: the same with ``linear_t``, ``g + r`` and ``s * (z W)``.
 
+With a :class:`~silotune.adapter_tee.mask_pool.MaskPool` (``enclave.unblinding: offline``) ``z``
+and its factors ``z W^T`` / ``z W`` were computed before the step, and the step does no frozen
+matmul; without one (``online``) the enclave draws ``z`` and multiplies it by ``W`` in the step.
+
 The frozen weights' own gradients are never needed. :class:`FrozenLinearServer` is the REE's end:
 it holds the frozen weights by module path and answers those two ocalls. The scale uses the largest
 magnitude, not the RMS, so that a sparse tensor (a gradient that is zero except at a few target
@@ -24,6 +28,7 @@ anything but the product is caught (:class:`TamperedResultError`).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,10 +37,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from silotune.adapter_tee.mask_pool import LINEAR, LINEAR_T, MaskPool
 from silotune.adapter_tee.masked_stream import MaskStream
 from silotune.errors import TamperedResultError
 
 __all__ = [
+    "Blind",
     "FrozenLinearServer",
     "LinearOffload",
     "OffloadStats",
@@ -60,20 +67,20 @@ WIRE_DTYPE = torch.float64
 # 7e-16 of it on tiny-llama and 1.9e-15 on SmolLM2-135M (masks of 1e4 x the tensor's peak); a row
 # the REE changes by less than about 1e-6 of the true product's norm may pass, larger is caught.
 FREIVALDS_TOL = 1e-12
-LINEAR = "linear"  # REE computes (x + r) W^T
-LINEAR_T = "linear_t"  # REE computes (g + r) W
 
 
 @dataclass
 class OffloadStats:
     """What outsourcing cost, summed since the last :meth:`LinearOffload.take_stats`.
 
-    ``unblind_s`` is the work Slalom does ahead of time on real hardware (``z W^T`` does not
-    depend on the data); here the enclave does it online, so it is part of every step time.
+    ``unblind_s`` is removing the masks from the answers: with unblinding ``online`` it includes
+    computing the factors ``z W^T`` (the frozen matmuls a second time), with ``offline`` only
+    the subtraction of precomputed ones. ``mask_s`` likewise includes drawing ``z`` only online.
     """
 
     ocalls: int = 0
     masks: int = 0
+    factors_online: int = 0  # unblinding factors computed in the step (frozen matmuls)
     bytes_sent: int = 0
     mask_s: float = 0.0
     unblind_s: float = 0.0
@@ -84,12 +91,27 @@ class OffloadStats:
         return {
             "ocalls": self.ocalls,
             "masks": self.masks,
+            "factors_online": self.factors_online,
             "bytes_sent": self.bytes_sent,
             "mask_s": self.mask_s,
             "unblind_s": self.unblind_s,
             "ocall_s": self.ocall_s,
             "verify_s": self.verify_s,
         }
+
+
+@dataclass(frozen=True)
+class Blind:
+    """A fresh mask for one tensor: ``masked = x + scale * z``, with any precomputed factors.
+
+    ``factors`` maps layer name -> ``z W^T`` (or ``z W``) in ``z``'s leading shape; a layer not in
+    it has its factor computed online.
+    """
+
+    scale: float
+    z: torch.Tensor
+    masked: torch.Tensor
+    factors: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -102,9 +124,7 @@ class _Masked:
 
     source: torch.Tensor
     version: int
-    scale: float
-    z: torch.Tensor
-    masked: torch.Tensor
+    blind: Blind
     leader: str
     prefetched: dict[str, torch.Tensor]
 
@@ -119,10 +139,13 @@ class LinearOffload:
         The enclave's mask stream (its key never leaves the enclave).
     mask_std
         Mask standard deviation as a multiple of each tensor's largest magnitude.
+    pool
+        Precomputed masks and factors (offline unblinding); ``None`` computes them in the step.
     """
 
     masks: MaskStream
     mask_std: float
+    pool: MaskPool | None = None
     ocall: Ocall | None = None
     stats: OffloadStats = field(default_factory=OffloadStats)
     _last: _Masked | None = None
@@ -145,17 +168,45 @@ class LinearOffload:
         """Know ``layer`` by its REE name (its answers may arrive in another layer's ocall)."""
         self._layers[layer.ree_name] = layer
 
-    def _mask(self, x: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
-        """(scale, z, x + scale * z) with a fresh mask."""
+    def _mask(self, x: torch.Tensor, method: str, names: list[str]) -> Blind:
+        """A fresh mask for ``x``, read by the layers ``names`` through ``method``.
+
+        Offline, ``z`` and the layers' factors are the pool's next rows (each row used once);
+        online, ``z`` is drawn from the stream here and the factors are left to the unblinding.
+        """
         start = time.perf_counter()
-        peak = float(x.detach().abs().max()) if x.numel() else 0.0
+        # max|x| in one pass, no temporary (a NaN stays NaN and gets the fallback scale below)
+        peak = float(torch.linalg.vector_norm(x.detach(), ord=math.inf)) if x.numel() else 0.0
         # A zero tensor still gets a full-size mask: the REE must not see which tensors are zero.
         scale = self.mask_std * (peak if peak > 0.0 and peak < float("inf") else 1.0)
-        z = self.masks.gaussian(tuple(x.shape)).z.to(x.device, WIRE_DTYPE)
-        masked = x.detach().to(WIRE_DTYPE) + scale * z
+        lead = x.shape[:-1]
+        factors: dict[str, torch.Tensor] = {}
+        if self.pool is None:
+            z = self.masks.gaussian(tuple(x.shape)).z
+        else:
+            rows = self.pool.take(method, names, lead.numel())
+            z = rows.z.view(x.shape)
+            factors = {name: f.view(*lead, f.shape[-1]) for name, f in rows.factors.items()}
+        z = z.to(x.device, WIRE_DTYPE)
+        masked = torch.add(x.detach().to(WIRE_DTYPE), z, alpha=scale)
         self.stats.masks += 1
         self.stats.mask_s += time.perf_counter() - start
-        return scale, z, masked
+        return Blind(scale, z, masked, factors)
+
+    def _unblind(
+        self, layer: OutsourcedLinear, method: str, blind: Blind, answer: torch.Tensor
+    ) -> torch.Tensor:
+        """``answer - scale * factor``; the factor precomputed, or computed here from ``z``."""
+        start = time.perf_counter()
+        factor = blind.factors.get(layer.ree_name)
+        if factor is None:
+            weight = self._weight64(layer)
+            z = blind.z
+            factor = nn.functional.linear(z, weight) if method == LINEAR else z @ weight
+            self.stats.factors_online += 1
+        out = torch.sub(answer, factor.to(answer.device), alpha=blind.scale)
+        self.stats.unblind_s += time.perf_counter() - start
+        return out
 
     def _call(
         self, method: str, name: str, key: str, masked: torch.Tensor, also: list[str] | None = None
@@ -198,12 +249,16 @@ class LinearOffload:
                 f"the REE's answer to {method} of {layer.ree_name} has shape "
                 f"{tuple(answer.shape)}, not {(*sent.shape[:-1], out_dim)}"
             )
-        if bool(torch.isfinite(sent).all()):  # (a diverged run fails on its loss instead)
+        if self.pool is not None:  # (v, W^T v) drawn and multiplied ahead of time
+            v, u = (t.to(sent.device) for t in self.pool.check_pair(method, layer.ree_name))
+        else:
             v = self.masks.gaussian((out_dim,)).z.to(sent.device)
             u = v @ weight if method == LINEAR else weight @ v  # W^T v, or W v
-            gap = (answer @ v - sent @ u).abs()
-            allowed = FREIVALDS_TOL * sent.norm(dim=-1) * u.norm()
-            if not bool((gap <= allowed).all()):
+        gap = (answer @ v - sent @ u).abs()
+        allowed = FREIVALDS_TOL * sent.norm(dim=-1) * u.norm()
+        if not bool((gap <= allowed).all()):
+            # (a diverged run, whose sent tensor is not finite, fails on its loss instead)
+            if bool(torch.isfinite(sent).all()):
                 raise TamperedResultError(
                     f"the REE's answer to {method} of {layer.ree_name} is not the product it was "
                     "asked for (Freivalds' check failed); the run stops rather than use it"
@@ -215,39 +270,40 @@ class LinearOffload:
         name, last = layer.ree_name, self._last
         if last is not None and last.source is x and last.version == x._version:
             # The same tensor as the previous layer's: same mask, never a second masking.
-            scale, z, masked = last.scale, last.z, last.masked
+            blind, masked = last.blind, last.blind.masked
             y_masked = last.prefetched.pop(name, None)
             if y_masked is None:
                 followers = self._followers.setdefault(last.leader, [])
                 if name not in followers:
                     followers.append(name)
+                    if self.pool is not None:  # its factors come with the leader's rows
+                        self.pool.join(LINEAR, last.leader, name)
                 y_masked = self._call(LINEAR, name, "x", masked)[0]
                 self._verify(layer, LINEAR, masked, y_masked)
         else:
-            scale, z, masked = self._mask(x)
             also = self._followers.get(name, [])
+            blind = self._mask(x, LINEAR, [name, *also])
+            masked = blind.masked
             answers = self._call(LINEAR, name, "x", masked, also)
             for layer_name, answer in zip([name, *also], answers, strict=True):
                 self._verify(self._layers[layer_name], LINEAR, masked, answer)
             y_masked = answers[0]
             prefetched = dict(zip(also, answers[1:], strict=True))
-            self._last = _Masked(x, x._version, scale, z, masked, name, prefetched)
-        start = time.perf_counter()
-        unblind = scale * nn.functional.linear(z, self._weight64(layer))
-        self.stats.unblind_s += time.perf_counter() - start
-        y = (y_masked - unblind).to(x.dtype)
+            self._last = _Masked(x, x._version, blind, name, prefetched)
+        y = self._unblind(layer, LINEAR, blind, y_masked).to(x.dtype)
         return y + layer.bias if layer.bias is not None else y
 
     def backward(self, layer: OutsourcedLinear, g: torch.Tensor) -> torch.Tensor:
         """``g W`` computed by the REE on ``g + r``; ``r`` removed here."""
         self._last = None
-        scale, z, masked = self._mask(g)
-        gx_masked = self._call(LINEAR_T, layer.ree_name, "g", masked)[0]
-        self._verify(layer, LINEAR_T, masked, gx_masked)
-        start = time.perf_counter()
-        unblind = scale * (z @ self._weight64(layer))
-        self.stats.unblind_s += time.perf_counter() - start
-        return (gx_masked - unblind).to(g.dtype)
+        blind = self._mask(g, LINEAR_T, [layer.ree_name])
+        gx_masked = self._call(LINEAR_T, layer.ree_name, "g", blind.masked)[0]
+        self._verify(layer, LINEAR_T, blind.masked, gx_masked)
+        return self._unblind(layer, LINEAR_T, blind, gx_masked).to(g.dtype)
+
+    def weight64(self, name: str) -> torch.Tensor:
+        """The float64 frozen weight of the outsourced layer ``name`` (for the mask pool)."""
+        return self._weight64(self._layers[name])
 
     def _weight64(self, layer: OutsourcedLinear) -> torch.Tensor:
         weight = self._weights64.get(layer.ree_name)

@@ -70,7 +70,14 @@ from silotune.train.run_folder import (
 from silotune.train.schedule import Schedule
 from silotune.train.threads import apply_threads, threads_per_process
 
-__all__ = ["APP", "LocalEnclave", "compare_with_plain", "open_adapter_enclave", "train_in_enclave"]
+__all__ = [
+    "APP",
+    "LocalEnclave",
+    "compare_unblinding",
+    "compare_with_plain",
+    "open_adapter_enclave",
+    "train_in_enclave",
+]
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +208,8 @@ def train_in_enclave(
                 "train (enclave)", total=t.max_steps, completed=start, note="loss -"
             )
             for step in range(start, t.max_steps):
+                # Offline unblinding: the masks and factors for this step, before it.
+                enclave.call("preprocess", {}, {}, server)
                 info, _ = enclave.call("train_step", {"step": step}, {}, server)
                 done = step + 1
                 bar.update(task_id, advance=1, note=f"loss {info['loss']:.4f}")
@@ -298,7 +307,8 @@ def compare_with_plain(
     ----------
     cfg_dict
         A job config (as in a YAML recipe); ``adapter.placement`` and ``train.max_steps`` are
-        set here. Both runs compute in float32.
+        set here. Both runs compute in float32. ``enclave.unblinding`` picks offline or online
+        unblinding factors.
     steps
         Optimizer steps of each run.
     in_process
@@ -310,65 +320,135 @@ def compare_with_plain(
     Returns
     -------
     dict
-        ``plain_step_s`` and ``enclave_step_s`` (median wall seconds per optimizer step, the
-        enclave's including the process boundary, the masks, the unblinding factors and the
-        checks of the REE's answers), ``max_abs_diff`` (largest difference between the two
-        trained adapters' tensors), ``rel_diff`` (Frobenius norm of the difference over that of
-        the plain adapter), ``elements_over_1e-5`` of ``elements``, ``max_loss_diff``, the
-        per-step losses and times, and the enclave's cost breakdown per step (medians:
-        ``unblind_s``, ``mask_s``, ``ocall_s``, ``verify_s``). AdamW divides by ``sqrt(v) + 1e-8``, so a gradient element near 1e-9,
-        where two float32 computations legitimately differ, moves by a sizeable fraction of
-        the learning rate in one and not the other: ``max_abs_diff`` then measures that, and
-        the other fields show how few elements it concerns (docs/adapter-in-tee.md).
+        ``plain_step_s`` and ``enclave_step_s`` (median seconds per optimizer step; the
+        enclave's is the online step: the process boundary, the masking, the unblinding and the
+        checks of the REE's answers, less any preprocessing the step had to do itself, which
+        ``enclave_step_wall_s`` includes), ``preprocess_s`` (median seconds of the offline
+        phase per step, ``preprocess_total_s`` all of it), ``pool_mib`` (the mask pool's
+        largest size), ``max_abs_diff`` (largest difference between the two trained adapters'
+        tensors), ``rel_diff`` (Frobenius norm of the difference over that of the plain
+        adapter), ``elements_over_1e-5`` of ``elements``, ``max_loss_diff``, the per-step losses
+        and times, and the enclave's cost breakdown per step (medians: ``unblind_s``,
+        ``mask_s``, ``ocall_s``, ``verify_s``). AdamW divides by ``sqrt(v) + 1e-8``, so a
+        gradient element near 1e-9, where two float32 computations legitimately differ, moves by
+        a sizeable fraction of the learning rate in one and not the other: ``max_abs_diff`` then
+        measures that, and the other fields show how few elements it concerns
+        (docs/adapter-in-tee.md).
+    """
+    compared = compare_unblinding(cfg_dict, steps, (None,), in_process, mask_seed)
+    (result,) = (v for k, v in compared.items() if k != "plain")
+    return {"plain_step_s": compared["plain"]["step_s"], **result}
+
+
+def compare_unblinding(
+    cfg_dict: dict[str, Any],
+    steps: int,
+    modes: tuple[str | None, ...] = ("online", "offline"),
+    in_process: bool = False,
+    mask_seed: bytes | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The plain trainer once, then the enclave with each ``enclave.unblinding`` of ``modes``.
+
+    ``None`` in ``modes`` keeps the recipe's own setting. Returns ``{"plain": {"step_s",
+    "step_times", "losses"}, MODE: {...}}``, each mode's entry as :func:`compare_with_plain`
+    describes (``plain_step_s`` aside).
     """
     if steps <= 0:
         raise ConfigError(f"steps must be positive, got {steps}")
     fixed = [f"train.max_steps={steps}", "model.dtype=float32"]
     plain_cfg = config_from_dict(cfg_dict, fixed + ["adapter.placement=ree"])
-    enclave_cfg = config_from_dict(cfg_dict, fixed + ["adapter.placement=enclave"])
-    check_enclave_job(enclave_cfg)
-
     plain_times, plain_losses, plain_adapter = _run_plain(plain_cfg)
+    out: dict[str, dict[str, Any]] = {
+        "plain": {
+            "step_s": statistics.median(plain_times),
+            "step_times": plain_times,
+            "losses": plain_losses,
+        }
+    }
+    for mode in modes:
+        unblinding = [f"enclave.unblinding={mode}"] if mode is not None else []
+        enclave_cfg = config_from_dict(cfg_dict, fixed + ["adapter.placement=enclave", *unblinding])
+        check_enclave_job(enclave_cfg)
+        run = _run_enclave(enclave_cfg, in_process, mask_seed)
+        released = run.pop("released")
+        out[enclave_cfg.enclave.unblinding] = {
+            **run,
+            **_adapter_gap(plain_adapter, released),
+            "max_loss_diff": max(
+                abs(a - b) for a, b in zip(plain_losses, run["enclave_losses"], strict=True)
+            ),
+            "plain_losses": plain_losses,
+            "plain_step_times": plain_times,
+        }
+    return out
 
-    ree = load_ree_model(enclave_cfg)
+
+def _run_enclave(cfg: JobConfig, in_process: bool, mask_seed: bytes | None) -> dict[str, Any]:
+    """The enclave's steps, each after its offline phase, timed apart; the released adapter."""
+    ree = load_ree_model(cfg)
     server = FrozenLinearServer.from_model(ree.model)
-    enclave_times: list[float] = []
+    online: list[float] = []
+    wall: list[float] = []
+    preprocess: list[float] = []
     infos: list[dict[str, Any]] = []
-    with _enclave_for(enclave_cfg, in_process, mask_seed) as enclave:
-        for step in range(steps):
+    peak = 0
+    with _enclave_for(cfg, in_process, mask_seed) as enclave:
+        for step in range(cfg.train.max_steps):
+            start = time.perf_counter()
+            pre, _ = enclave.call("preprocess", {}, {}, server)
+            preprocess.append(time.perf_counter() - start)
             start = time.perf_counter()
             info, _ = enclave.call("train_step", {"step": step}, {}, server)
-            enclave_times.append(time.perf_counter() - start)
+            wall.append(time.perf_counter() - start)
+            # A step that found the pool short preprocessed inline (the first step, which
+            # learns which layers share a mask, always does): that part is offline work.
+            inline = float(info.get("inline_preprocess_s", 0.0))
+            online.append(wall[-1] - inline)
+            preprocess[-1] += inline
+            peak = max(
+                peak, int(pre.get("pool_peak_bytes", 0)), int(info.get("pool_peak_bytes", 0))
+            )
             infos.append(info)
         _, released = enclave.call("release", {}, {}, server)
-
-    if set(released) != set(plain_adapter):
-        raise RuntimeError("the enclave released other adapter tensors than the plain run has")
-    gaps = {name: (plain_adapter[name] - released[name]).abs() for name in plain_adapter}
-    plain_norm = math.sqrt(sum(float(t.double().square().sum()) for t in plain_adapter.values()))
-    gap_norm = math.sqrt(sum(float(g.double().square().sum()) for g in gaps.values()))
-    enclave_losses = [float(i["loss"]) for i in infos]
     return {
-        "steps": steps,
-        "plain_step_s": statistics.median(plain_times),
-        "enclave_step_s": statistics.median(enclave_times),
-        "max_abs_diff": max(float(g.max()) for g in gaps.values()),
-        "rel_diff": gap_norm / plain_norm if plain_norm > 0 else gap_norm,
-        "elements_over_1e-5": sum(int((g > 1e-5).sum()) for g in gaps.values()),
-        "elements": sum(g.numel() for g in gaps.values()),
-        "max_loss_diff": max(abs(a - b) for a, b in zip(plain_losses, enclave_losses, strict=True)),
-        "plain_losses": plain_losses,
-        "enclave_losses": enclave_losses,
-        "plain_step_times": plain_times,
-        "enclave_step_times": enclave_times,
+        "steps": cfg.train.max_steps,
+        "unblinding": cfg.enclave.unblinding,
+        "enclave_step_s": statistics.median(online),
+        "enclave_step_wall_s": statistics.median(wall),
+        "enclave_step_times": online,
+        "enclave_losses": [float(i["loss"]) for i in infos],
+        "preprocess_s": statistics.median(preprocess),
+        "preprocess_total_s": sum(preprocess),
+        "preprocess_times": preprocess,
+        "pool_mib": peak / 2**20,
+        "pool_refills": sum(int(i.get("pool_refills", 0)) for i in infos),
         "unblind_s": statistics.median(float(i["unblind_s"]) for i in infos),
         "mask_s": statistics.median(float(i["mask_s"]) for i in infos),
         "ocall_s": statistics.median(float(i["ocall_s"]) for i in infos),
         "verify_s": statistics.median(float(i["verify_s"]) for i in infos),
+        "ree_compute_s": server.compute_s / len(infos),
         "ocalls_per_step": statistics.median(int(i["ocalls"]) for i in infos),
         "bytes_to_ree_per_step": statistics.median(int(i["bytes_sent"]) for i in infos),
-        "mask_std": enclave_cfg.enclave.mask_std,
+        "mask_std": cfg.enclave.mask_std,
         "enclave": "in-process" if in_process else "simulated",
+        "released": released,
+    }
+
+
+def _adapter_gap(
+    plain: dict[str, torch.Tensor], released: dict[str, torch.Tensor]
+) -> dict[str, float]:
+    """How far the enclave's adapter is from the plain trainer's (see compare_with_plain)."""
+    if set(released) != set(plain):
+        raise RuntimeError("the enclave released other adapter tensors than the plain run has")
+    gaps = {name: (plain[name] - released[name]).abs() for name in plain}
+    plain_norm = math.sqrt(sum(float(t.double().square().sum()) for t in plain.values()))
+    gap_norm = math.sqrt(sum(float(g.double().square().sum()) for g in gaps.values()))
+    return {
+        "max_abs_diff": max(float(g.max()) for g in gaps.values()),
+        "rel_diff": gap_norm / plain_norm if plain_norm > 0 else gap_norm,
+        "elements_over_1e-5": sum(int((g > 1e-5).sum()) for g in gaps.values()),
+        "elements": sum(g.numel() for g in gaps.values()),
     }
 
 

@@ -38,7 +38,7 @@ from silotune.adapter_tee.masked_leakage import (
     step_leakage,
     token_scores,
 )
-from silotune.adapter_tee.masked_linear import WIRE_DTYPE, LinearOffload
+from silotune.adapter_tee.masked_linear import WIRE_DTYPE, Blind, LinearOffload
 from silotune.config import JobConfig
 
 __all__ = ["reused_masks", "run_tee", "tee_leakage"]
@@ -54,16 +54,17 @@ def reused_masks() -> Iterator[None]:
     original = LinearOffload._mask
     drawn: dict[tuple[int, ...], torch.Tensor] = {}
 
-    def reuse(self: LinearOffload, x: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+    def reuse(self: LinearOffload, x: torch.Tensor, method: str, names: list[str]) -> Blind:
         shape = tuple(x.shape)
         if shape not in drawn:
-            scale, z, masked = original(self, x)
-            drawn[shape] = z
-            return scale, z, masked
+            blind = original(self, x, method, names)
+            drawn[shape] = blind.z
+            return blind
         z = drawn[shape]
         peak = float(x.detach().abs().max()) if x.numel() else 0.0
         scale = self.mask_std * (peak if 0.0 < peak < float("inf") else 1.0)
-        return scale, z, x.detach().to(WIRE_DTYPE) + scale * z
+        # No precomputed factors: the unblinding computes them from the reused z.
+        return Blind(scale, z, x.detach().to(WIRE_DTYPE) + scale * z, {})
 
     LinearOffload._mask = reuse  # type: ignore[method-assign]
     try:

@@ -6,9 +6,12 @@ Three comparisons, each against its baseline in the same run:
   TLS + AEAD on loopback) with the trunk in the coordinator's process, then inside the simulated
   enclave (attested, the host relaying ciphertext). Step time is the silo's mean step after the
   first (warm-up) and before the last (final sync).
-* ``adapter_plain`` vs ``adapter_enclave``: the same LoRA training with the adapter in the REE and
-  with the adapter in the enclave (frozen linear work on masked inputs in the REE), plus the
-  largest absolute difference between the two trained adapters.
+* ``adapter_plain`` vs ``adapter_enclave_online`` and ``adapter_enclave_offline``: the same LoRA
+  training with the adapter in the REE and with the adapter in the enclave (frozen linear work on
+  masked inputs in the REE), the unblinding factors computed in the step (online) or ahead of it
+  (offline, Slalom's preprocessing). Step time is the online step; the offline row also reports
+  its preprocessing seconds per step and the mask pool's size. Each enclave row reports the
+  largest absolute difference between its trained adapter and the plain one.
 * ``lora`` vs ``spf_lora``: test accuracy of LoRA alone and of SPF + LoRA after the same number of
   steps on Debian fortunes.
 
@@ -59,7 +62,7 @@ def _split_step_s(quick: bool, in_enclave: bool, tmp: Path) -> dict[str, float]:
 
 
 def _adapter_rows(quick: bool) -> dict[str, dict[str, float]]:
-    from silotune.adapter_tee.runner import compare_with_plain
+    from silotune.adapter_tee.runner import compare_unblinding
 
     job = {
         "mode": "centralized",
@@ -68,17 +71,22 @@ def _adapter_rows(quick: bool) -> dict[str, dict[str, float]]:
         "data": {"dataset": "fortunes-sample", "max_length": 64 if quick else 96},
         "train": {"batch_size": 4, "lr": 1e-3, "seed": 0, "max_grad_norm": None},
     }
-    measured = compare_with_plain(job, steps=4 if quick else 3)
-    return {
-        "adapter_plain": {"step_s": measured["plain_step_s"]},
-        "adapter_enclave": {
-            "step_s": measured["enclave_step_s"],
-            "max_abs_diff": measured["max_abs_diff"],
-            "rel_diff": measured["rel_diff"],
-            "elements_over_1e-5": measured["elements_over_1e-5"],
-            "elements": measured["elements"],
-        },
-    }
+    measured = compare_unblinding(job, steps=4 if quick else 3, modes=("online", "offline"))
+    rows: dict[str, dict[str, float]] = {"adapter_plain": {"step_s": measured["plain"]["step_s"]}}
+    for mode in ("online", "offline"):
+        run = measured[mode]
+        rows[f"adapter_enclave_{mode}"] = {
+            "step_s": run["enclave_step_s"],
+            "preprocess_s": run["preprocess_s"],
+            "pool_mib": run["pool_mib"],
+            "unblind_s": run["unblind_s"],
+            "ocall_s": run["ocall_s"],
+            "max_abs_diff": run["max_abs_diff"],
+            "rel_diff": run["rel_diff"],
+            "elements_over_1e-5": run["elements_over_1e-5"],
+            "elements": run["elements"],
+        }
+    return rows
 
 
 def _accuracy(quick: bool, spf: bool, tmp: Path) -> dict[str, float]:
@@ -133,9 +141,14 @@ def run(quick: bool, console: Console) -> dict[str, Any]:
             results[key] = _accuracy(quick, spf, tmp)
 
     table = Table(title=f"bench enclave: {model} (simulated enclave backend)")
-    for column in ("run", "step s", "x baseline", "max abs diff", "test accuracy"):
+    columns = ("run", "step s", "x baseline", "preprocess s", "pool MiB", "max abs diff")
+    for column in (*columns, "test accuracy"):
         table.add_column(column, justify="left" if column == "run" else "right")
-    baselines = {"split_enclave": "split_plain", "adapter_enclave": "adapter_plain"}
+    baselines = {
+        "split_enclave": "split_plain",
+        "adapter_enclave_online": "adapter_plain",
+        "adapter_enclave_offline": "adapter_plain",
+    }
     for key, row in results.items():
         step = row.get("step_s")
         base = results[baselines[key]]["step_s"] if key in baselines else None
@@ -143,16 +156,23 @@ def run(quick: bool, console: Console) -> dict[str, Any]:
             key,
             f"{step:.3f}" if step is not None else "-",
             f"{step / base:.2f}" if step is not None and base else "-",
+            f"{row['preprocess_s']:.3f}" if "preprocess_s" in row else "-",
+            f"{row['pool_mib']:.1f}" if "pool_mib" in row else "-",
             f"{row['max_abs_diff']:.1e}" if "max_abs_diff" in row else "-",
             f"{row['accuracy']:.3f}" if "accuracy" in row else "-",
         )
     console.print(table)
     ratio = results["split_enclave"]["step_s"] / results["split_plain"]["step_s"]
+    plain = results["adapter_plain"]["step_s"]
+    offline = results["adapter_enclave_offline"]
     console.print(
-        f"targets: enclave trunk <= 1.15x split step: {ratio:.2f}x; adapter-in-TEE max abs diff "
-        f"<= 1e-5: {results['adapter_enclave']['max_abs_diff']:.1e} (relative "
-        f"{results['adapter_enclave']['rel_diff']:.1e}; "
-        f"{results['adapter_enclave']['elements_over_1e-5']:.0f} of "
-        f"{results['adapter_enclave']['elements']:.0f} elements over 1e-5)"
+        f"targets: enclave trunk <= 1.15x split step: {ratio:.2f}x; adapter-in-TEE online step "
+        f"<= 2x plain: {offline['step_s'] / plain:.2f}x offline unblinding "
+        f"({results['adapter_enclave_online']['step_s'] / plain:.2f}x online; preprocessing "
+        f"{offline['preprocess_s']:.2f} s per step, pool {offline['pool_mib']:.0f} MiB); "
+        f"adapter-in-TEE max abs diff <= 1e-5: {offline['max_abs_diff']:.1e} offline (relative "
+        f"{offline['rel_diff']:.1e}; {offline['elements_over_1e-5']:.0f} of "
+        f"{offline['elements']:.0f} elements over 1e-5), "
+        f"{results['adapter_enclave_online']['max_abs_diff']:.1e} online"
     )
     return {"bench": "enclave", "model": model, "backend": "simulated", "results": results}

@@ -41,6 +41,20 @@ class EnclaveConfig(_Strict):
         "multiple of each masked tensor's largest magnitude; above 1e6 the float64 masked "
         "matmuls start to cost float32 accuracy (docs/adapter-in-tee.md: what the REE learns)",
     )
+    unblinding: Literal["offline", "online"] = Field(
+        "offline",
+        description="adapter placement enclave: offline = draw the masks and compute their "
+        "unblinding factors (z W^T, z W) ahead of the step into a pool, each used once, so the "
+        "step repeats no frozen matmul in the enclave; online = compute them in the step "
+        "(docs/adapter-in-tee.md: offline unblinding)",
+    )
+    mask_pool_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="adapter placement enclave, unblinding offline: precomputed mask rows (one "
+        "per token) kept per masked tensor site, refilled before every step and on running out; "
+        "None = train.batch_size x data.max_length (one step of full-length batches)",
+    )
 
     @field_validator("allowed_measurements")
     @classmethod
