@@ -10,12 +10,12 @@ import copy
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from silotune.config import JobConfig
 from silotune.federated.coordinator import Coordinator
-from silotune.federated.local_grid import task_identity
+from silotune.federated.local_grid import LocalGrid, task_identity
 from silotune.federated.pinning import simulation_trust
 from silotune.federated.silo import make_client_app
 from silotune.train.run_folder import prepare_output_dir
@@ -23,51 +23,32 @@ from silotune.train.run_folder import prepare_output_dir
 Tamper = Callable[[str, int, RecordDict], None]  # (message type, node id, reply content)
 
 
-class InProcessGrid:
-    """Implements the two Grid methods the coordinator uses."""
+class InProcessGrid(LocalGrid):
+    """silotune's in-process grid that also records what the coordinator sent and lets a test
+    tamper with each silo's reply before the coordinator reads it."""
 
     def __init__(self, client_app: ClientApp, n_nodes: int, tamper: Tamper | None = None) -> None:
-        self.app = client_app
-        self.tamper = tamper
-        self.contexts = {
-            1000 + i: Context(
-                run_id=1,
-                node_id=1000 + i,
-                node_config={"partition-id": i, "num-partitions": n_nodes},
-                state=RecordDict(),
-                run_config={},
-            )
-            for i in range(n_nodes)
-        }
+        super().__init__(client_app if tamper is None else _tampering(client_app, tamper), n_nodes)
         self.sent: list[Message] = []
-
-    def get_node_ids(self) -> list[int]:
-        return sorted(self.contexts)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> list[Message]:
-        replies = []
-        for msg in messages:
-            self.sent.append(msg)
-            node = msg.metadata.dst_node_id
-            inbound = Message(
-                copy.deepcopy(msg.content),
-                dst_node_id=node,
-                message_type=msg.metadata.message_type,
-                group_id=msg.metadata.group_id,
-            )
-            try:
-                reply = self.app(inbound, self.contexts[node])
-                content = copy.deepcopy(reply.content)
-                if self.tamper is not None:
-                    self.tamper(msg.metadata.message_type, node, content)
-                replies.append(Message(content, reply_to=msg))
-            except Exception as exc:  # noqa: BLE001 - Flower turns any ClientApp error into a reply
-                replies.append(
-                    Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
-                )
-        return replies
+        messages = list(messages)
+        self.sent.extend(messages)
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def _tampering(client_app: ClientApp, tamper: Tamper) -> Callable[[Message, Context], Message]:
+    """The ClientApp, with `tamper(message type, node, reply content)` applied to a copy of each
+    reply (the silo's own objects stay untouched)."""
+
+    def app(inbound: Message, context: Context) -> Message:
+        content = copy.deepcopy(client_app(inbound, context).content)
+        tamper(inbound.metadata.message_type, context.node_id, content)
+        return Message(content, reply_to=inbound)
+
+    return app
 
 
 def run_in_process(
