@@ -11,6 +11,7 @@ import torch
 from silotune.config import JobConfig
 from silotune.eval.runner import evaluate_job
 from silotune.models.loading import export_model
+from silotune.split.silo import TrunkLink
 from silotune.train.job import build_job
 from silotune.train.loop import make_optimizer, make_scheduler
 from tests.split.conftest import (
@@ -56,8 +57,18 @@ def _free_port() -> int:
 
 
 def test_split_instruction_job_trains_and_scores_test_on_the_silo(
-    keys_dir, tls_dir, tmp_path
+    keys_dir, tls_dir, tmp_path, monkeypatch
 ) -> None:
+    # every evaluation frame a silo sends the coordinator (train=False forwards), per silo
+    sent_for_eval: dict[int, int] = {}
+    forward = TrunkLink.forward
+
+    def counting(link, hidden, mask, train):
+        if not train:
+            sent_for_eval[id(link)] = sent_for_eval.get(id(link), 0) + 1
+        return forward(link, hidden, mask, train)
+
+    monkeypatch.setattr(TrunkLink, "forward", counting)
     address = f"127.0.0.1:{_free_port()}"
     # a saved folder, not the seeded preset: threads building tiny-llama at once would share
     # torch's global RNG (real silos are processes), and the test compares weights exactly
@@ -78,6 +89,9 @@ def test_split_instruction_job_trains_and_scores_test_on_the_silo(
         cfg.output_dir = tmp_path / f"silo-{i}"
         silos.append(cfg)
     results = serve_and_join(coordinator, silos)
+    # only the two periodic validations (3 records, one batch each) reached the coordinator: the
+    # test evaluation, its generation and multiple choice sent nothing
+    assert sorted(sent_for_eval.values()) == [2, 2], sent_for_eval
     frames_seen = results["coordinator"]["trunk_steps"]
     assert frames_seen == 2
     test = results[0]["test"]
